@@ -1,0 +1,54 @@
+"""Tiny offline models and tokenizers for tests and benchmarks (no hub access, built from a config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges (259 tokens) and a ChatML chat template.
+
+    Token ids 0-2 are the special tokens; eos = pad = `<|im_end|>` (id 2), as in SmolLM2.
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
+        additional_special_tokens=SPECIAL_TOKENS,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int = 259, seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    """A 2-layer random Llama (head_dim 64, so vLLM's CPU backend can load it too)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
+    """Write a tiny random Llama and the byte-level tokenizer as a Hugging Face folder."""
+    path = Path(path)
+    tiny_llama(seed=seed, tie_word_embeddings=tie_word_embeddings).save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
+    return path
