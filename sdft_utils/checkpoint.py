@@ -1,0 +1,85 @@
+"""Checkpoints that a crash cannot corrupt, and exact resumption.
+
+Layout of `OUTPUT_DIR/checkpoint-STEP/`:
+- a Hugging Face model folder (config, weights, tokenizer): `from_pretrained` loads it as it is;
+- `trainer_state/`: accelerate's state (model, optimizer, scheduler, teacher, RNG of every process), sharding-aware;
+- `progress.json`: the step the run reached, written last.
+
+Everything is written to `checkpoint-STEP.tmp` first and renamed when complete, so a folder named
+`checkpoint-STEP` is always whole. Only the newest `keep_last` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from sdft_utils.errors import UserInputError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in output_dir.iterdir()
+             if (match := CHECKPOINT_PATTERN.match(path.name)) and (path / "progress.json").is_file()]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | None:
+    """`--resume_from_checkpoint`: None, `latest` (newest complete checkpoint in output_dir) or a folder."""
+    if value is None:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise UserInputError(f"--resume_from_checkpoint latest: no complete checkpoint in '{output_dir}'. "
+                                 "Drop the flag to start a new run.")
+        return checkpoints[-1]
+    path = Path(value)
+    if not (path / "progress.json").is_file() or not (path / "trainer_state").is_dir():
+        raise UserInputError(f"--resume_from_checkpoint {value}: not a complete checkpoint folder (it needs "
+                             "progress.json and trainer_state/). Pass a checkpoint-STEP folder or 'latest'.")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, model, tokenizer,
+                    progress: dict[str, Any], keep_last: int | None) -> Path:
+    """Write checkpoint-STEP atomically; every process must call this (sharded states are saved collectively)."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left over from a crash during an earlier save
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(staging / "trainer_state"))
+    state_dict = accelerator.get_state_dict(model)  # gathers shards under ZeRO-3 / FSDP
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        tokenizer.save_pretrained(staging)
+        (staging / "progress.json").write_text(json.dumps(progress, indent=2))
+        if final.exists():  # a re-save of the same step (e.g. the final save) replaces it whole
+            shutil.rmtree(final)
+        staging.rename(final)
+        if keep_last:
+            for old in list_checkpoints(output_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into the prepared objects; returns the saved progress."""
+    path = Path(path)
+    accelerator.load_state(str(path / "trainer_state"))
+    return json.loads((path / "progress.json").read_text())

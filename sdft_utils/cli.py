@@ -1,0 +1,139 @@
+"""Command-line and YAML arguments from one dataclass.
+
+Each script declares its flags once, as a dataclass whose fields carry a default, a help string and a group.
+`parse_args` builds argparse from it and lets `--config FILE.yaml` supply values; flags given on the command line
+override the file, which overrides the dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sdft_utils.errors import UserInputError
+
+T = TypeVar("T")
+
+
+def arg(default: Any, help: str, group: str = "general", choices: list | None = None) -> Any:
+    """A dataclass field with its help text and the section it belongs to in `--help` and the README."""
+    metadata = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_kind(annotation: Any) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) of a field annotation such as `int`, `str | None`, `list[str]`."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
+        annotation = members[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True, optional
+    return annotation, False, optional
+
+
+def _converter(scalar: type, optional: bool):
+    base = _parse_bool if scalar is bool else scalar
+
+    def convert(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    convert.__name__ = scalar.__name__  # argparse names the type in its error messages
+    return convert
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of arguments; command-line flags override it")
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(cls):
+        group_name = field.metadata.get("group", "general")
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        scalar, is_list, optional = _field_kind(hints[field.name])
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        group.add_argument(
+            f"--{field.name}", type=_converter(scalar, optional), nargs="+" if is_list else None,
+            choices=field.metadata.get("choices"), default=argparse.SUPPRESS,
+            metavar="BOOL" if scalar is bool else None,
+            help=f"{field.metadata.get('help', '')} (default: {default})",
+        )
+    return parser
+
+
+def load_config_file(path: str | Path, cls: type, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML recipe and check every key and value against the dataclass, naming the file on any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--config {path}: no such file.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserInputError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}.")
+    names = [field.name for field in dataclasses.fields(cls)]
+    actions = {action.dest: action for action in parser._actions}
+    checked = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to see the arguments."
+            raise UserInputError(f"{path}: unknown argument '{key}'.{hint}")
+        action = actions[key]
+        items = value if isinstance(value, list) else [value]
+        if action.nargs != "+" and isinstance(value, list):
+            raise UserInputError(f"{path}: '{key}' takes one value, got a list {value!r}.")
+        try:
+            converted = [None if item is None else action.type(str(item)) for item in items]
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise UserInputError(f"{path}: '{key}': {error}") from None
+        for item in converted:
+            if action.choices is not None and item not in action.choices:
+                raise UserInputError(f"{path}: '{key}' must be one of {list(action.choices)}, got {item!r}.")
+        checked[key] = converted if action.nargs == "+" else converted[0]
+    return checked
+
+
+def parse_args(cls: type[T], argv: list[str] | None = None, description: str | None = None,
+               default_config: str | Path | None = None) -> T:
+    """Parse `argv` into an instance of the dataclass `cls`.
+
+    Precedence: dataclass defaults < `default_config` (used only when no `--config` is given) < `--config` file <
+    command-line flags. Bad values exit with argparse's message (status 2); bad YAML raises `UserInputError`.
+    """
+    parser = build_parser(cls, description)
+    flags = vars(parser.parse_args(argv))
+    config_path = flags.pop("config", None) or default_config
+    values = load_config_file(config_path, cls, parser) if config_path else {}
+    values.update(flags)
+    return cls(**values)
+
+
+def dataclass_groups(cls: type) -> dict[str, list[dataclasses.Field]]:
+    """Fields of `cls` grouped by their `group` metadata, in declaration order (for documentation)."""
+    groups: dict[str, list[dataclasses.Field]] = {}
+    for field in dataclasses.fields(cls):
+        groups.setdefault(field.metadata.get("group", "general"), []).append(field)
+    return groups

@@ -1,0 +1,80 @@
+"""Loading models and reading the hidden states that feed the chunked divergence.
+
+The loss never asks a model for full-vocabulary logits over the batch. Instead it takes the last hidden state at
+the completion positions and multiplies it with the output head chunk by chunk (`losses.chunked_token_divergence`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from sdft_utils.errors import UserInputError
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU and float32 on a CPU (bf16 matmuls are slow and inexact on CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_model(path: str | Path, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+    """A causal LM from a local folder or a hub id, with a clear error when it cannot be found."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as error:
+        raise UserInputError(f"could not load the model '{path}': {error}") from None
+    model.config.use_cache = False  # training forwards never reuse a KV cache; generate() turns it on itself
+    return model
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise UserInputError(
+            f"the tokenizer of '{path}' has no chat template. Use an instruction-tuned model, or add a "
+            "`chat_template` to its tokenizer_config.json."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked, any id works
+    return tokenizer
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 after left padding, as `generate` computes them. (B, S) -> (B, S)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The lm_head weight (V, H) and bias (V,) or None, of a possibly wrapped model."""
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    return head.weight, head.bias
+
+
+def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             num_completion_tokens: int) -> torch.Tensor:
+    """Final hidden states at the positions that predict the completion tokens.
+
+    `input_ids` is (B, S) = [left-padded prompt | right-padded completion of width T]. The forward goes through the
+    (possibly DDP/DeepSpeed/FSDP-wrapped) model so gradient synchronisation works; a hook on the decoder catches its
+    output, and `logits_to_keep=1` keeps the head from computing logits for every position. Returns (B, T, H).
+    """
+    decoder = extract_model_from_parallel(model).get_decoder()
+    captured = {}
+
+    def keep_output(module, inputs, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(keep_output)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+              use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    # position t predicts token t+1: completion token j is predicted at column S - T - 1 + j
+    return captured["hidden"][:, -num_completion_tokens - 1:-1]

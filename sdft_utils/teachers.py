@@ -1,0 +1,69 @@
+"""The teacher: the same model as the student, seen through a different prompt.
+
+Kinds (SDFT paper App. A.3, authors' code):
+- `ema`: an exponential moving average of the student, updated after every optimizer step (the default; best).
+- `frozen`: the initial model, never updated (stable but worse).
+- `live`: the current student itself (diverges: small noise gets amplified on-policy).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+from sdft_utils.errors import UserInputError
+from sdft_utils.modeling import load_model
+
+TEACHER_KINDS = ["ema", "frozen", "live"]
+
+
+def make_teacher(kind: str, student: nn.Module, source: str | Path, dtype: torch.dtype,
+                 attn_implementation: str | None = None) -> nn.Module:
+    """Build the teacher for `student`.
+
+    `ema` and `frozen` load a second copy from `source` (the student's starting checkpoint, or `--teacher_model`),
+    never a deepcopy, so the same code works when the student is sharded. `live` returns the student itself.
+    """
+    if kind == "live":
+        warnings.warn("teacher_kind=live: the teacher is the current student; the paper found this unstable "
+                      "(it diverges). Use it for ablations only.", stacklevel=2)
+        return extract_model_from_parallel(student)
+    if kind not in TEACHER_KINDS:
+        raise UserInputError(f"--teacher_kind must be one of {TEACHER_KINDS}, got '{kind}'.")
+    teacher = load_model(source, dtype=dtype, attn_implementation=attn_implementation)
+    check_same_layout(teacher, extract_model_from_parallel(student), source, need_same_parameters=kind == "ema")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def check_same_layout(teacher: nn.Module, student: nn.Module, source: str | Path, need_same_parameters: bool) -> None:
+    """The divergence compares next-token distributions, so the vocabularies must match; an EMA also needs every
+    parameter to have the same name and shape."""
+    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
+    student_vocab = student.get_output_embeddings().weight.shape[0]
+    if teacher_vocab != student_vocab:
+        raise UserInputError(f"the teacher '{source}' has a vocabulary of {teacher_vocab} tokens but the student has "
+                             f"{student_vocab}; a per-token divergence needs the same tokenizer.")
+    if need_same_parameters:
+        teacher_shapes = {name: tuple(p.shape) for name, p in teacher.named_parameters()}
+        student_shapes = {name: tuple(p.shape) for name, p in student.named_parameters()}
+        if teacher_shapes != student_shapes:
+            raise UserInputError(f"an EMA teacher needs the student's architecture, but '{source}' has different "
+                                 "parameters. Use --teacher_kind frozen for a different teacher model.")
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
+    """teacher <- (1 - rate) * teacher + rate * student, elementwise, in the teacher's dtype.
+
+    Works on whatever each rank holds (full tensors, or shards when both models are sharded the same way).
+    """
+    teacher_params = dict(teacher.named_parameters())
+    student_params = dict(extract_model_from_parallel(student).named_parameters())
+    targets = [teacher_params[name] for name in student_params]
+    sources = [p.detach().to(q.dtype) for p, q in zip(student_params.values(), targets, strict=True)]
+    torch._foreach_lerp_(targets, sources, rate)

