@@ -1,0 +1,67 @@
+import torch
+
+from sdft_utils.batching import build_distill_batch
+from sdft_utils.modeling import completion_hidden_states
+from sdft_utils.rollout import HFRollout, SamplingConfig, left_pad, right_pad
+from sdft_utils.testing import tiny_llama
+
+
+def reference_logprobs(model, prompts, completions, temperature, top_p=1.0):
+    """Log-probs of the sampled tokens from one plain forward over [prompt | completion], with top-p renormalised."""
+    batch = build_distill_batch(prompts, prompts, completions, None, pad_token_id=2)
+    with torch.no_grad():
+        hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
+                                          batch.num_completion_tokens)
+        logits = model.lm_head(hidden).double() / (temperature or 1.0)
+    if top_p < 1:
+        probs = logits.softmax(-1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    logprobs = logits.log_softmax(-1).gather(-1, batch.completion_ids[..., None])[..., 0]
+    return logprobs, batch.completion_mask
+
+
+def test_padding_helpers():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    values, mask = right_pad([[1.5], [2.0, 3.0]], 0.0, torch.float32)
+    assert values.tolist() == [[1.5, 0.0], [2.0, 3.0]] and mask.tolist() == [[1, 0], [1, 1]]
+
+
+def test_sampled_logprobs_match_a_forward_pass_of_the_same_tokens():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    rollout = HFRollout(model, pad_token_id=2, eos_token_ids=[2])
+    prompts = [[1, 80, 81, 82, 83], [1, 90]]  # different lengths: left padding must not shift positions
+    for temperature, top_p in [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)]:
+        out = rollout.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                                       num_samples=2))
+        assert len(out.completion_ids) == 4 and out.from_training_weights
+        repeated = [p for p in prompts for _ in range(2)]
+        expected, mask = reference_logprobs(model, repeated, out.completion_ids, temperature, top_p)
+        got, _ = right_pad(out.logprobs, 0.0, torch.float64)
+        assert (got.exp() <= 1).all()
+        torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
+
+
+def test_greedy_picks_the_argmax_token():
+    model = tiny_llama()
+    out = HFRollout(model, 2, [2]).generate([[1, 70, 71]], SamplingConfig(max_new_tokens=6, temperature=0.0))
+    expected, _ = reference_logprobs(model, [[1, 70, 71]], out.completion_ids, temperature=1.0)
+    batch = build_distill_batch([[1, 70, 71]], [[1, 70, 71]], out.completion_ids, None, 2)
+    with torch.no_grad():
+        hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
+                                          batch.num_completion_tokens)
+    assert model.lm_head(hidden).argmax(-1).tolist() == out.completion_ids
+
+
+def test_completions_stop_after_the_first_eos():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.bias = None
+        model.lm_head.weight[2] += 100.0 * model.lm_head.weight[2].sign()  # make EOS very likely
+    out = HFRollout(model, 2, [2]).generate([[1, 5, 6], [1, 7]], SamplingConfig(max_new_tokens=8))
+    for tokens, logprobs in zip(out.completion_ids, out.logprobs, strict=True):
+        assert len(tokens) == len(logprobs)
+        assert tokens.count(2) <= 1 and (2 not in tokens or tokens[-1] == 2)
