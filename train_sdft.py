@@ -29,6 +29,7 @@ Run:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -221,6 +222,7 @@ def main() -> None:
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
     accelerator.init_trackers(args.run_name, config=asdict(args))
     metrics_log = MetricsLog(accelerator, output_dir, resume_step=start_step if resume_path else None)
 
