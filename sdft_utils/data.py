@@ -210,7 +210,7 @@ def _read_folder(source: str, path: Path, split: str) -> _Table:
             if split not in loaded:
                 raise UserInputError(
                     f"{source}: has no split '{split}' (splits found: {', '.join(map(repr, loaded))}). "
-                    "Choose one of them with --split."
+                    "Choose one of them with --dataset_split."
                 )
             return _Table(loaded[split].to_list(), f"{source} (split '{split}')")
         return _Table(loaded.to_list(), source)

@@ -77,7 +77,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     )
     splits.save_to_disk(str(tmp_path / "dd"))
     assert load_rows(str(tmp_path / "dd"), split="test") == [{"prompt": "t", "demonstration": "u"}]
-    with pytest.raises(UserInputError, match=r"has no split 'validation' \(splits found: 'train', 'test'\).*--split"):
+    with pytest.raises(UserInputError, match=r"has no split 'validation' \(splits found: 'train', 'test'\)\. Choose one of them with --dataset_split"):
         load_rows(str(tmp_path / "dd"), split="validation")
 
 
