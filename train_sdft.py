@@ -307,6 +307,7 @@ def main() -> None:
         # 4. optimizer step, then the teacher follows the student
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
             if args.max_grad_norm > 0 else None
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -329,7 +330,7 @@ def main() -> None:
             "is_ratio_max": max(s["is_ratio_max"] for s in is_stats),
             "is_clipped_fraction": sum(s["is_clipped_fraction"] for s in is_stats) / len(is_stats),
             "truncated_prompts": truncated_total,
-            "learning_rate": scheduler.get_last_lr()[0],
+            "learning_rate": learning_rate,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": global_sums[5] / seconds,
             "step_seconds": seconds,
