@@ -1,0 +1,443 @@
+"""Per-token distillation divergences between a student and a teacher, plus the masking/weighting helpers.
+
+One divergence convention everywhere (`alpha`):
+  * alpha = 0: forward KL, KL(teacher‖student) = Σ_v p_t (log p_t − log p_s)
+  * alpha = 1: reverse KL, KL(student‖teacher) = Σ_v p_s (log p_s − log p_t)
+  * 0 < alpha < 1: generalized JSD with mixture M = (1−α)·p_s + α·p_t,
+    loss = (1−α)·KL(p_s‖M) + α·KL(p_t‖M).
+The endpoints are special-cased because the JSD formula degenerates to 0 there (the authors' convention).
+
+Support modes: "full" (whole vocabulary), "topk" (the student's top-K ids, optionally with a tail bucket),
+"sampled" (single-sample reverse-KL estimator on the completion token; alpha must be 1).
+
+The teacher never receives gradients: its logits are detached / computed under no_grad.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Mode = Literal["full", "topk", "sampled"]
+MODES = ("full", "topk", "sampled")
+
+
+@dataclass
+class TokenDivergence:
+    loss: Tensor  # (N,) per-token divergence (float32); grad flows to the student only
+    student_logprobs: Tensor  # (N,) detached log p_s(y_t) of the given completion token (full-vocab normalised)
+    teacher_logprobs: Tensor  # (N,) detached log p_t(y_t)
+    student_entropy: Tensor  # (N,) detached entropy of the student's full-vocab distribution
+
+
+def _check_divergence_args(alpha: float, mode: str, top_k: int, temperature: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "sampled" and alpha != 1.0:
+        raise ValueError(f"mode='sampled' is a reverse-KL estimator and needs alpha=1, got alpha={alpha}")
+    if mode == "topk" and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def divergence_from_logprobs(student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float) -> Tensor:
+    """(..., K) normalised log-probs on the same support -> (...) divergence summed over the last dim.
+
+    Log-probs must be finite (p = 0 entries would give 0·∞ = nan).
+    """
+    s, t = student_logprobs, teacher_logprobs
+    if alpha == 0.0:
+        return (t.exp() * (t - s)).sum(-1)
+    if alpha == 1.0:
+        return (s.exp() * (s - t)).sum(-1)
+    # log M computed in log space so that tiny probabilities do not underflow.
+    log_m = torch.logaddexp(s + math.log(1.0 - alpha), t + math.log(alpha))
+    kl_s_m = (s.exp() * (s - log_m)).sum(-1)
+    kl_t_m = (t.exp() * (t - log_m)).sum(-1)
+    return (1.0 - alpha) * kl_s_m + alpha * kl_t_m
+
+
+def _with_tail_bucket(logprobs: Tensor) -> Tensor:
+    """(..., K) log-probs of part of a distribution -> (..., K+1) with log(1 − Σ_k p) appended.
+
+    The clamp keeps the tail finite (≈ log 1e-7) when the K entries already hold all the mass.
+    """
+    covered = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logprobs, torch.log(-torch.expm1(covered))], dim=-1)
+
+
+def topk_logprobs(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, top_k: int, tail_bucket: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Restrict full-vocab log-probs (N, V) to the student's top-K ids -> two (N, K(+1)) normalised log-probs.
+
+    The support is chosen from the detached student distribution. With `tail_bucket` one extra entry holds the
+    remaining mass on each side; without it both sides are renormalised over the K entries.
+    """
+    k = min(top_k, student_logprobs.shape[-1])
+    support = student_logprobs.detach().topk(k, dim=-1).indices
+    s = student_logprobs.gather(-1, support)
+    t = teacher_logprobs.gather(-1, support)
+    if tail_bucket:
+        return _with_tail_bucket(s), _with_tail_bucket(t)
+    return s.log_softmax(-1), t.log_softmax(-1)
+
+
+def _scaled_log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """(N, V) logits -> float32 log-probs of softmax(logits / temperature).
+
+    Rebinding `logits` lets each intermediate (N, V) tensor be freed as soon as the next one exists.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.log_softmax(-1)
+
+
+def _log_mixture(s: Tensor, t: Tensor, alpha: float) -> Tensor:
+    """No-grad log M = log((1−α) p_s + α p_t), (N, V), with one temporary instead of two."""
+    log_m = s + math.log(1.0 - alpha)
+    return torch.logaddexp(log_m, t + math.log(alpha), out=log_m)
+
+
+def _full_divergence_no_grad(s: Tensor, t: Tensor, alpha: float) -> Tensor:
+    """`divergence_from_logprobs` without autograd, overwriting `t` to save two (N, V) buffers. (N, V) -> (N,)."""
+    if alpha == 0.0:
+        p_t = t.exp()
+        return t.sub_(s).mul_(p_t).sum(-1)
+    if alpha == 1.0:
+        p_s = s.exp()
+        return t.neg_().add_(s).mul_(p_s).sum(-1)
+    log_m = _log_mixture(s, t, alpha)
+    p_t = t.exp()
+    kl_t_m = t.sub_(log_m).mul_(p_t).sum(-1)
+    del p_t
+    kl_s_m = log_m.neg_().add_(s).mul_(s.exp()).sum(-1)
+    return (1.0 - alpha) * kl_s_m + alpha * kl_t_m
+
+
+def _divergence_on_support(
+    student_logps: Tensor, teacher_logps: Tensor, ids: Tensor, alpha: float, mode: str, top_k: int,
+    tail_bucket: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-vocab log-probs (N, V) (+ completion ids (N,)) -> (loss, log p_s(y), log p_t(y)), each (N,).
+
+    May overwrite `teacher_logps` (callers pass a tensor of their own that they no longer need).
+    """
+    student_token = student_logps.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    teacher_token = teacher_logps.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+    if mode == "full" and not (torch.is_grad_enabled() and student_logps.requires_grad):
+        loss = _full_divergence_no_grad(student_logps, teacher_logps, alpha)
+    elif mode == "full":
+        loss = divergence_from_logprobs(student_logps, teacher_logps, alpha)
+    elif mode == "topk":
+        loss = divergence_from_logprobs(*topk_logprobs(student_logps, teacher_logps, top_k, tail_bucket), alpha)
+    else:
+        # Surrogate whose gradient is (log p_s(y) − log p_t(y))·∇log p_s(y): the score-function estimator of
+        # the reverse-KL gradient with y ~ student.
+        loss = (student_token - teacher_token).detach() * student_token
+    return loss, student_token, teacher_token
+
+
+def _entropy(logps: Tensor) -> Tensor:
+    """(N, V) log-probs -> (N,) entropy, no graph."""
+    with torch.no_grad():
+        return -(logps.exp() * logps).sum(-1)
+
+
+def token_divergence_from_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    completion_ids: Tensor,
+    *,
+    alpha: float = 0.0,
+    mode: Mode = "full",
+    top_k: int = 100,
+    tail_bucket: bool = True,
+    temperature: float = 1.0,
+) -> TokenDivergence:
+    """Reference path. student_logits/teacher_logits (N, V) (any float dtype; compute in float32), completion_ids (N,).
+
+    Returns per-token (N,) tensors; see `TokenDivergence`. All log-probs are of the temperature-scaled
+    distributions. Gradients come from plain autograd.
+    """
+    _check_divergence_args(alpha, mode, top_k, temperature)
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student/teacher logits must both be (N, V), got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if completion_ids.shape != student_logits.shape[:1]:
+        raise ValueError(f"completion_ids must be (N,)={tuple(student_logits.shape[:1])}, got {tuple(completion_ids.shape)}")
+
+    student_logps = _scaled_log_softmax(student_logits, temperature)
+    with torch.no_grad():
+        teacher_logps = _scaled_log_softmax(teacher_logits, temperature)
+    loss, student_token, teacher_token = _divergence_on_support(
+        student_logps, teacher_logps, completion_ids, alpha, mode, top_k, tail_bucket
+    )
+    return TokenDivergence(
+        loss=loss,
+        student_logprobs=student_token.detach(),
+        teacher_logprobs=teacher_token,
+        student_entropy=_entropy(student_logps),
+    )
+
+
+def _logprob_grad(
+    student_logps: Tensor, teacher_logps: Tensor, ids: Tensor, alpha: float, mode: str, top_k: int,
+    tail_bucket: bool,
+) -> Tensor:
+    """d loss_n / d log p_s(v) for every token n and vocab entry v, treating the (N, V) log-probs as free variables.
+
+    Full mode uses closed forms (derivatives of the divergences w.r.t. s = log p_s):
+      forward KL: −p_t;  reverse KL: p_s (s − t + 1);  JSD: (1−α) p_s (s − log M)
+    (for the JSD the terms through log M cancel). Top-K/sampled modes differentiate the small (N, K(+1))
+    problem with autograd and scatter the result into an (N, V) zero tensor.
+    """
+    s, t = student_logps, teacher_logps
+    if mode == "full":
+        if alpha == 0.0:
+            return t.exp().neg_()
+        if alpha == 1.0:
+            return (s - t).add_(1.0).mul_(s.exp())
+        log_m = _log_mixture(s, t, alpha)
+        return log_m.neg_().add_(s).mul_(s.exp()).mul_(1.0 - alpha)
+
+    grad = torch.zeros_like(s)
+    if mode == "sampled":
+        index = ids.long().unsqueeze(-1)
+        return grad.scatter_(-1, index, s.gather(-1, index) - t.gather(-1, index))
+    support = s.topk(min(top_k, s.shape[-1]), dim=-1).indices
+    with torch.enable_grad():
+        s_support = s.gather(-1, support).requires_grad_()
+        t_support = t.gather(-1, support)
+        if tail_bucket:
+            s_support_full, t_support = _with_tail_bucket(s_support), _with_tail_bucket(t_support)
+        else:
+            s_support_full, t_support = s_support.log_softmax(-1), t_support.log_softmax(-1)
+        loss = divergence_from_logprobs(s_support_full, t_support, alpha)
+        (support_grad,) = torch.autograd.grad(loss.sum(), s_support)
+    return grad.scatter_(-1, support, support_grad)
+
+
+def _float_heads(
+    s_weight: Tensor, s_bias: Tensor | None, t_weight: Tensor, t_bias: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Float32 views/copies of both heads; one copy when the teacher shares the student's head (self-distillation)."""
+    s_weight32 = s_weight.float()
+    same = t_weight.data_ptr() == s_weight.data_ptr() and t_weight.shape == s_weight.shape
+    same = same and t_weight.stride() == s_weight.stride() and t_weight.dtype == s_weight.dtype
+    t_weight32 = s_weight32 if same else t_weight.float()
+    return (
+        s_weight32, None if s_bias is None else s_bias.float(), t_weight32, None if t_bias is None else t_bias.float()
+    )
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Chunked lm_head + divergence whose backward recomputes each chunk's logits instead of storing them.
+
+    Only the inputs are saved. Backward per chunk: recompute both log-prob tensors, form g = dL/d log p_s
+    (`_logprob_grad`), push it through log_softmax analytically, dz = (g − p_s Σ_v g) / T, then
+    d hidden = dz W and d W += dzᵀ hidden, accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, options):  # type: ignore[override]
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size = options
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids)
+        ctx.options = options
+        outputs = []
+        # One float32 copy of each head for the whole pass (a no-op when already float32).
+        s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
+        for s_h, t_h, y in zip(s_hidden.split(chunk_size), t_hidden.split(chunk_size), ids.split(chunk_size), strict=True):
+            s_logps = _scaled_log_softmax(F.linear(s_h.float(), s_weight32, s_bias32), temperature)
+            t_logps = _scaled_log_softmax(F.linear(t_h.float(), t_weight32, t_bias32), temperature)
+            # Both log-prob tensors are this loop's own, so the no-grad divergence may overwrite t_logps.
+            loss, s_token, t_token = _divergence_on_support(s_logps, t_logps, y, alpha, mode, top_k, tail_bucket)
+            del t_logps
+            outputs.append((loss, s_token, t_token, _entropy(s_logps)))
+            del s_logps  # loop variables outlive the iteration: free before the next chunk's logits exist
+        loss, s_token, t_token, entropy = (torch.cat(parts) for parts in zip(*outputs, strict=True))
+        ctx.mark_non_differentiable(s_token, t_token, entropy)
+        return loss, s_token, t_token, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids = ctx.saved_tensors
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size = ctx.options
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+
+        s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
+        grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(s_weight32) if need_weight else None
+        grad_bias = torch.zeros_like(s_bias32) if need_bias else None
+        for start in range(0, s_hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            s_h = s_hidden[rows].float()
+            s_logps = _scaled_log_softmax(F.linear(s_h, s_weight32, s_bias32), temperature)
+            t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32), temperature)
+            grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
+            del t_logps
+            grad.mul_(grad_loss[rows].float().unsqueeze(-1))
+            # log_softmax backward, in place: dz = (g − p_s Σ_v g) / T.
+            row_sum = grad.sum(-1, keepdim=True)
+            grad_logits = grad.sub_(s_logps.exp_().mul_(row_sum)).div_(temperature)
+            del s_logps
+            if need_hidden:
+                grad_hidden[rows] = (grad_logits @ s_weight32).to(s_hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, s_h)
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))
+            del grad, grad_logits  # free before the next chunk's logits exist
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(s_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(s_bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def chunked_token_divergence(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head_weight: Tensor,
+    completion_ids: Tensor,
+    *,
+    student_head_bias: Tensor | None = None,
+    teacher_head_bias: Tensor | None = None,
+    alpha: float = 0.0,
+    mode: Mode = "full",
+    top_k: int = 100,
+    tail_bucket: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> TokenDivergence:
+    """Memory-lean path: hidden states (N, H) of the completion positions and the lm_head weights (V, H).
+
+    Computes logits = hidden @ weight.T (+bias) chunk by chunk over the N tokens in float32, so that full-vocab
+    logits of all N tokens are never held at once, neither in forward nor in backward. Gradients flow to
+    student_hidden and student_head_weight (and bias) only; the teacher inputs are treated as constants.
+
+    Forward keeps only the inputs and the (N,) outputs; backward recomputes each chunk's student and teacher
+    logits (so both heads run twice). Peak extra memory is about four (chunk_size, V) float32 tensors plus a
+    float32 copy of the heads when they are not float32 already. Values equal `token_divergence_from_logits`
+    on the explicit logits.
+    """
+    _check_divergence_args(alpha, mode, top_k, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = student_hidden.shape[0]
+    if student_hidden.dim() != 2 or teacher_hidden.shape[0] != n or completion_ids.shape != (n,):
+        raise ValueError(
+            f"expected student_hidden (N, H), teacher_hidden (N, H'), completion_ids (N,); got "
+            f"{tuple(student_hidden.shape)}, {tuple(teacher_hidden.shape)}, {tuple(completion_ids.shape)}"
+        )
+    if student_head_weight.shape[0] != teacher_head_weight.shape[0]:
+        raise ValueError(
+            f"student and teacher heads must share the vocabulary, got {student_head_weight.shape[0]} "
+            f"and {teacher_head_weight.shape[0]} rows"
+        )
+    options = (alpha, mode, top_k, tail_bucket, temperature, chunk_size)
+    # Detaching the teacher inputs makes "teacher gets no gradient" structural, not a convention of backward.
+    teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
+    loss, student_logprobs, teacher_logprobs, entropy = _ChunkedDivergence.apply(
+        student_hidden, student_head_weight, student_head_bias,
+        teacher_hidden.detach(), teacher_head_weight.detach(), teacher_bias, completion_ids, options,
+    )
+    return TokenDivergence(loss, student_logprobs, teacher_logprobs, entropy)
+
+
+def completion_loss_mask(completion_mask: Tensor, num_skip: int = 3) -> Tensor:
+    """(B, T) 0/1 completion mask -> (B, T) float mask with the first `num_skip` completion tokens of each row zeroed
+    (they stay attended; they only leave the loss). Completion tokens start at column 0 (right-padded)."""
+    if num_skip < 0:
+        raise ValueError(f"num_skip must be >= 0, got {num_skip}")
+    mask = completion_mask.float()
+    # Counting completion tokens (rather than columns) also works if a row were not right-padded.
+    position = mask.cumsum(-1)
+    return mask * (position > num_skip).float()
+
+
+def sequence_is_weights(
+    train_logprobs: Tensor, rollout_logprobs: Tensor | None, loss_mask: Tensor, cap: float = 2.0
+) -> tuple[Tensor, dict[str, float]]:
+    """SDFT's importance weight for the rollout-engine/trainer mismatch (authors' code): token ratio
+    exp(train_logp - rollout_logp), capped above at `cap` (no floor), averaged over each sequence's loss tokens into
+    one detached weight per sequence (B,). rollout_logprobs None means the rollout came from the training weights:
+    weights are exactly 1. A row with no loss tokens gets weight 1. Stats: ratio min/mean/max over loss tokens of the
+    uncapped ratio and the fraction clipped (keys: is_ratio_min, is_ratio_mean, is_ratio_max, is_clipped_fraction;
+    with None rollout logprobs: 1, 1, 1, 0)."""
+    batch = train_logprobs.shape[0]
+    neutral = {"is_ratio_min": 1.0, "is_ratio_mean": 1.0, "is_ratio_max": 1.0, "is_clipped_fraction": 0.0}
+    if rollout_logprobs is None:
+        return torch.ones(batch, dtype=torch.float32, device=train_logprobs.device), neutral
+
+    with torch.no_grad():
+        keep = loss_mask > 0
+        # `where` before exp: padding positions may hold garbage (0, -inf, nan) that must not leak into sums.
+        log_ratio = torch.where(keep, train_logprobs.float() - rollout_logprobs.float(), 0.0)
+        ratio = log_ratio.exp()
+        capped = torch.where(keep, ratio.clamp(max=cap), 0.0)
+        count = keep.sum(-1)
+        weights = capped.sum(-1) / count.clamp(min=1)
+        weights = torch.where(count > 0, weights, torch.ones_like(weights))
+
+        token_ratios = ratio[keep]
+        if token_ratios.numel() == 0:
+            return weights, neutral
+        stats = {
+            "is_ratio_min": token_ratios.min().item(),
+            "is_ratio_mean": token_ratios.mean().item(),
+            "is_ratio_max": token_ratios.max().item(),
+            "is_clipped_fraction": (token_ratios > cap).float().mean().item(),
+        }
+    return weights, stats
+
+
+def entropy_quantile_mask(entropy: Tensor, loss_mask: Tensor, quantile: float) -> Tensor:
+    """Keep only the loss tokens whose entropy lies in the top `quantile` fraction of the batch's loss tokens
+    (quantile 1.0 = keep all = return loss_mask unchanged; 0 < q ≤ 1 else ValueError). Returns a float (B,T) mask
+    that is a subset of loss_mask. Threshold: torch.quantile(entropies of loss tokens, 1 - quantile); keep
+    entropy >= threshold. (torch.quantile accepts at most 2**24 loss tokens.)"""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"entropy quantile must lie in (0, 1], got {quantile}")
+    mask = loss_mask.float()
+    if quantile == 1.0:
+        return mask
+    keep = loss_mask > 0
+    selected = entropy.detach().float()[keep]
+    if selected.numel() == 0:
+        return mask
+    threshold = torch.quantile(selected, 1.0 - quantile)
+    return mask * (entropy.detach().float() >= threshold).float()
+
+
+def sequence_mean_loss(per_token_loss: Tensor, loss_mask: Tensor, sequence_weights: Tensor | None = None) -> Tensor:
+    """mean over sequences of [Σ_t mask·w_b·loss / max(1, Σ_t mask)]. (B,T),(B,T),(B,) -> scalar. Rows with no loss
+    tokens count as 0 in the mean (authors' code). Keep the graph connected even when the mask is all zero."""
+    keep = loss_mask > 0
+    # `where` (not multiply) so that non-finite values at masked positions cannot poison the sum.
+    masked = torch.where(keep, per_token_loss, torch.zeros_like(per_token_loss))
+    per_sequence = masked.sum(-1) / keep.sum(-1).clamp(min=1).to(masked.dtype)
+    if sequence_weights is not None:
+        per_sequence = per_sequence * sequence_weights.to(per_sequence.dtype)
+    return per_sequence.mean()
+
+
+def kl_k3(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(student‖teacher) on sampled tokens: exp(r) - r - 1 with r = logp_t - logp_s.
+
+    Unbiased for y ~ student and never negative. Shapes: any, elementwise.
+    """
+    r = teacher_logprobs - student_logprobs
+    return torch.expm1(r) - r  # expm1 keeps precision when r ≈ 0
