@@ -17,46 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdft_utils.losses import TokenDivergence, chunked_token_divergence, token_divergence_from_logits  # noqa: E402
+from sdft_utils.testing import LiveTensorBytes  # noqa: E402
 
 MiB = 2**20
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks bytes of live tensor storages created inside the mode (CPU stand-in for max_memory_allocated)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen:  # views share their base's storage
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
 
 
 def make_inputs(n: int, vocab: int, hidden: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:

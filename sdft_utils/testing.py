@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
@@ -52,3 +55,35 @@ def save_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool =
     tiny_llama(seed=seed, tie_word_embeddings=tie_word_embeddings).save_pretrained(path)
     byte_level_tokenizer().save_pretrained(path)
     return path
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks bytes of live tensor storages created inside the mode: current, peak and largest single one.
+
+    A CPU stand-in for `torch.cuda.max_memory_allocated`, used by the memory tests and benchmarks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = self.largest = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._seen:  # views share their base's storage
+                continue
+            self._seen.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self.largest = max(self.largest, nbytes)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out

@@ -4,13 +4,10 @@ the reference path, memory boundedness of the chunked path, and the masking/weig
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from sdft_utils.losses import (
     chunked_token_divergence,
@@ -23,6 +20,7 @@ from sdft_utils.losses import (
     token_divergence_from_logits,
     topk_logprobs,
 )
+from sdft_utils.testing import LiveTensorBytes
 
 N, V, K = 5, 11, 4
 
@@ -370,35 +368,6 @@ def test_chunked_without_grad_and_empty_input():
 
 # --------------------------------------------------------------------------------------------------------------
 # Memory boundedness of the chunked path
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks bytes of live tensor storages created inside the mode: current, peak and largest single one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = self.largest = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._seen:  # views share their base's storage
-                continue
-            self._seen.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            self.largest = max(self.largest, nbytes)
-            weakref.finalize(storage, self._release, key, nbytes)
-        return out
 
 
 def measure_forward_backward(fn) -> LiveTensorBytes:
