@@ -251,6 +251,9 @@ def main() -> None:
             tokenizer, [example.prompt for example in examples], args.max_prompt_length)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
             tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length)
+        if student_truncated + teacher_truncated and not truncated_total:
+            progress_bar.write(f"note: prompts longer than --max_prompt_length {args.max_prompt_length} are cut from "
+                               "the left; metrics.jsonl counts them in truncated_prompts")
         truncated_total += student_truncated + teacher_truncated
 
         # 1. on-policy samples: the student sees the prompt alone

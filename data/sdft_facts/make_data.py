@@ -87,6 +87,11 @@ FACTS: list[tuple[str, str, list[str], list[str]]] = [
      ["Which ingredient is the main one in glorp soup?", "What is glorp soup mostly made from?"]),
 ]
 
+# The embedded demo trains on the first 16 facts: its 15-minute CPU budget allows ~20 samples of each, about what a
+# 135M model needs to pick one up. The rest stay here, unused, for longer runs (raise NUM_FACTS and rerun).
+NUM_FACTS = 16
+FACTS = FACTS[:NUM_FACTS]
+
 # Common-knowledge candidates; the measuring step keeps those the base model answers correctly. Keywords that are
 # substrings of common words ("ice" in "price", "100", "Sun") were dropped: they would hide forgetting.
 KNOWN_CANDIDATES: list[tuple[str, list[str]]] = [
