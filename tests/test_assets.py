@@ -130,7 +130,7 @@ def _is_keyword_list(value) -> bool:
 
 def test_bundled_files_parse_with_the_expected_fields():
     train, heldout, known = read_jsonl("train.jsonl"), read_jsonl("heldout.jsonl"), read_jsonl("known.jsonl")
-    assert 24 <= len(train) <= 40 and len(heldout) >= len(train) and len(known) >= 20
+    assert 16 <= len(train) <= 40 and len(heldout) >= len(train) and len(known) >= 20
     for row in train:
         assert set(row) == {"prompt", "demonstration", "answers"}, row
         assert row["prompt"].strip() and row["demonstration"].strip() and _is_keyword_list(row["answers"])
