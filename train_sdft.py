@@ -242,7 +242,7 @@ def main() -> None:
     # ---------------------------------------------------------------- the loop
     progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                         disable=not accelerator.is_local_main_process, desc="sdft")
-    truncated_total = 0
+    warned_about_truncation = False
     for step in progress_bar:
         step_start = time.perf_counter()
         examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed,
@@ -251,10 +251,11 @@ def main() -> None:
             tokenizer, [example.prompt for example in examples], args.max_prompt_length)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
             tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length)
-        if student_truncated + teacher_truncated and not truncated_total:
+        truncated = student_truncated + teacher_truncated
+        if truncated and not warned_about_truncation:
             progress_bar.write(f"note: prompts longer than --max_prompt_length {args.max_prompt_length} are cut from "
                                "the left; metrics.jsonl counts them in truncated_prompts")
-        truncated_total += student_truncated + teacher_truncated
+            warned_about_truncation = True
 
         # 1. on-policy samples: the student sees the prompt alone
         rollouts = rollout.generate(student_prompts, sampling)
@@ -266,7 +267,8 @@ def main() -> None:
 
         # 2-3. teacher and student score the same tokens; per-token divergence; accumulate gradients
         model.train()
-        sums = torch.zeros(8, dtype=torch.float64, device=accelerator.device)
+        sums = torch.zeros(9, dtype=torch.float64, device=accelerator.device)
+        sums[8] = truncated
         is_stats = []
         for start in range(0, len(student_prompts), args.per_device_batch_size):
             rows = slice(start, start + args.per_device_batch_size)
@@ -332,7 +334,7 @@ def main() -> None:
             "is_ratio_mean": sum(s["is_ratio_mean"] for s in is_stats) / len(is_stats),
             "is_ratio_max": max(s["is_ratio_max"] for s in is_stats),
             "is_clipped_fraction": sum(s["is_clipped_fraction"] for s in is_stats) / len(is_stats),
-            "truncated_prompts": truncated_total,
+            "truncated_prompts": global_sums[8],
             "learning_rate": learning_rate,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": global_sums[5] / seconds,

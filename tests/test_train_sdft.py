@@ -65,7 +65,7 @@ def test_losses_are_finite_and_every_step_is_logged(four_step_run):
         assert m["completion_length"] > 0 and m["learning_rate"] > 0 and m["grad_norm"] > 0
     assert "outputs: model" in result.stdout
     # --max_prompt_length 48 bytes cuts the teacher prompts: counted, and said once
-    assert metrics[-1]["truncated_prompts"] >= 8 and result.stdout.count("cut from the left") == 1
+    assert all(m["truncated_prompts"] >= 4 for m in metrics) and result.stdout.count("cut from the left") == 1
 
 
 def test_checkpoints_reload_as_models(four_step_run):
