@@ -404,6 +404,56 @@ def sequence_is_weights(
     return weights, stats
 
 
+IS_MODES = ("sequence_average", "token_truncate", "sequence_mask")
+
+
+def importance_weights(
+    train_logprobs: Tensor, rollout_logprobs: Tensor | None, loss_mask: Tensor, mode: str = "sequence_average",
+    cap: float = 2.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Detached (B,T) weights that correct for the rollout engine sampling from slightly different weights/kernels
+    than the trainer. ratio = exp(train_logp - rollout_logp) per token. Multiply the per-token loss by the result.
+
+    - `sequence_average` (SDFT default, authors' code): min(ratio, cap) averaged over the sequence's loss tokens,
+      one weight per sequence (`sequence_is_weights`), broadcast over its tokens.
+    - `token_truncate` (SDPO default): min(ratio, cap) per token (truncated IS, no floor).
+    - `sequence_mask`: a sequence whose geometric-mean ratio exp(mean log ratio) lies outside [1/cap, cap] gets
+      weight 0, every other sequence weight 1 (drop sequences the engine sampled too differently).
+    Stats: min/mean/max of the uncapped token ratio over loss tokens and the fraction clipped (tokens above cap for
+    the truncating modes, sequences masked for `sequence_mask`). None rollout logprobs -> all ones.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"unknown importance-sampling mode {mode!r}; choose one of {IS_MODES}")
+    if mode == "sequence_average" or rollout_logprobs is None:
+        weights, stats = sequence_is_weights(train_logprobs, rollout_logprobs, loss_mask, cap)
+        return weights[:, None].expand(loss_mask.shape), stats
+    with torch.no_grad():
+        keep = loss_mask > 0
+        dtype = torch.promote_types(train_logprobs.dtype, torch.float32)  # float64 stays float64 (tests)
+        log_ratio = torch.where(keep, train_logprobs.to(dtype) - rollout_logprobs.to(dtype), 0.0)
+        ratio = log_ratio.exp()
+        if mode == "token_truncate":
+            weights = torch.where(keep, ratio.clamp(max=cap), 0.0)
+            clipped = (ratio[keep] > cap).float()
+        else:
+            count = keep.sum(-1)
+            mean_log_ratio = log_ratio.sum(-1) / count.clamp(min=1)
+            inside = (mean_log_ratio.abs() <= math.log(cap)) | (count == 0)
+            weights = inside.to(dtype)[:, None].expand(loss_mask.shape)
+            clipped = (~inside[count > 0]).float()
+        token_ratios = ratio[keep]
+        if token_ratios.numel() == 0:
+            return torch.ones_like(weights), {"is_ratio_min": 1.0, "is_ratio_mean": 1.0, "is_ratio_max": 1.0,
+                                               "is_clipped_fraction": 0.0}
+        stats = {
+            "is_ratio_min": token_ratios.min().item(),
+            "is_ratio_mean": token_ratios.mean().item(),
+            "is_ratio_max": token_ratios.max().item(),
+            "is_clipped_fraction": clipped.mean().item(),
+        }
+    return weights, stats
+
+
 def entropy_quantile_mask(entropy: Tensor, loss_mask: Tensor, quantile: float) -> Tensor:
     """Keep only the loss tokens whose entropy lies in the top `quantile` fraction of the batch's loss tokens
     (quantile 1.0 = keep all = return loss_mask unchanged; 0 < q ≤ 1 else ValueError). Returns a float (B,T) mask
