@@ -301,7 +301,7 @@ def main() -> None:
             with torch.no_grad():
                 lengths = batch.completion_mask.sum(-1).double()
                 mask = loss_mask.double()
-                sums += torch.stack([
+                sums[:8] += torch.stack([
                     loss.detach().double(), (per_token["loss"].detach() * mask).sum(),
                     (kl_k3(per_token["student_logprobs"], per_token["teacher_logprobs"]) * mask).sum(),
                     (per_token["student_entropy"] * mask).sum(), mask.sum(), lengths.sum(),
