@@ -69,6 +69,8 @@ from sdft_utils.rollout import HFRollout, SamplingConfig
 from sdft_utils.teachers import TEACHER_KINDS, ema_update_, make_teacher
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdft_embedded.yaml"
+STEP_TOTALS = ("loss", "divergence", "kl_approx", "entropy", "loss_tokens", "completion_tokens", "sequences",
+               "micro_batches", "truncated_prompts")
 
 
 @dataclass
@@ -267,8 +269,8 @@ def main() -> None:
 
         # 2-3. teacher and student score the same tokens; per-token divergence; accumulate gradients
         model.train()
-        sums = torch.zeros(9, dtype=torch.float64, device=accelerator.device)
-        sums[8] = truncated
+        totals = dict.fromkeys(STEP_TOTALS, 0.0)  # summed over micro-batches here, over processes below
+        totals["truncated_prompts"] = float(truncated)
         is_stats = []
         for start in range(0, len(student_prompts), args.per_device_batch_size):
             rows = slice(start, start + args.per_device_batch_size)
@@ -299,14 +301,14 @@ def main() -> None:
                 accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
 
             with torch.no_grad():
-                lengths = batch.completion_mask.sum(-1).double()
                 mask = loss_mask.double()
-                sums[:8] += torch.stack([
-                    loss.detach().double(), (per_token["loss"].detach() * mask).sum(),
-                    (kl_k3(per_token["student_logprobs"], per_token["teacher_logprobs"]) * mask).sum(),
-                    (per_token["student_entropy"] * mask).sum(), mask.sum(), lengths.sum(),
-                    torch.tensor(float(len(lengths)), dtype=torch.float64, device=accelerator.device),
-                    torch.tensor(1.0, dtype=torch.float64, device=accelerator.device)])
+                kl_estimate = kl_k3(per_token["student_logprobs"], per_token["teacher_logprobs"])
+                for name, value in (("loss", loss.detach()), ("divergence", (per_token["loss"] * mask).sum()),
+                                    ("kl_approx", (kl_estimate * mask).sum()),
+                                    ("entropy", (per_token["student_entropy"] * mask).sum()),
+                                    ("loss_tokens", mask.sum()), ("completion_tokens", batch.completion_mask.sum()),
+                                    ("sequences", len(batch.completion_mask)), ("micro_batches", 1)):
+                    totals[name] = totals[name] + value  # stays on the device: one sync per step, below
             is_stats.append(stats)
 
         # 4. optimizer step, then the teacher follows the student
@@ -321,23 +323,25 @@ def main() -> None:
         rollout.sync_weights(model)
 
         # 5. log and save
-        global_sums = accelerator.reduce(sums, reduction="sum").tolist()
-        micro_batches, tokens = global_sums[7], max(global_sums[4], 1.0)
+        summed = accelerator.reduce(torch.stack([torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)
+                                                 for value in totals.values()]), reduction="sum").tolist()
+        total = dict(zip(totals, summed, strict=True))
+        loss_tokens = max(total["loss_tokens"], 1.0)
         seconds = time.perf_counter() - step_start
         metrics = {
-            "loss": global_sums[0] / micro_batches,
-            "kl": global_sums[1] / tokens,
-            "kl_approx": global_sums[2] / tokens,
-            "entropy": global_sums[3] / tokens,
-            "completion_length": global_sums[5] / global_sums[6],
+            "loss": total["loss"] / total["micro_batches"],
+            "kl": total["divergence"] / loss_tokens,
+            "kl_approx": total["kl_approx"] / loss_tokens,
+            "entropy": total["entropy"] / loss_tokens,
+            "completion_length": total["completion_tokens"] / total["sequences"],
             "is_ratio_min": min(s["is_ratio_min"] for s in is_stats),
             "is_ratio_mean": sum(s["is_ratio_mean"] for s in is_stats) / len(is_stats),
             "is_ratio_max": max(s["is_ratio_max"] for s in is_stats),
             "is_clipped_fraction": sum(s["is_clipped_fraction"] for s in is_stats) / len(is_stats),
-            "truncated_prompts": global_sums[8],
+            "truncated_prompts": total["truncated_prompts"],
             "learning_rate": learning_rate,
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_second": global_sums[5] / seconds,
+            "tokens_per_second": total["completion_tokens"] / seconds,
             "step_seconds": seconds,
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }
