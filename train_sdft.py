@@ -49,11 +49,12 @@ from sdft_utils.data import load_sdft_dataset
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
 from sdft_utils.losses import (
+    IS_MODES,
     chunked_token_divergence,
     completion_loss_mask,
     entropy_quantile_mask,
+    importance_weights,
     kl_k3,
-    sequence_is_weights,
     sequence_mean_loss,
 )
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
@@ -65,8 +66,16 @@ from sdft_utils.modeling import (
     resolve_dtype,
 )
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
-from sdft_utils.rollout import HFRollout, SamplingConfig
+from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout_engines import (
+    ROLLOUT_BACKENDS,
+    VLLM_MODES,
+    check_rollout_args,
+    make_rollout_engine,
+    weight_sync_tolerance,
+)
 from sdft_utils.teachers import TEACHER_KINDS, ema_update_, make_teacher
+from sdft_utils.weight_sync import check_weight_sync
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdft_embedded.yaml"
 STEP_TOTALS = ("loss", "divergence", "kl_approx", "entropy", "loss_tokens", "completion_tokens", "sequences",
@@ -102,6 +111,26 @@ class Args:
     num_generations: int = arg(1, "completions sampled per prompt", "rollout")
     generation_batch_size: int | None = arg(None, "prompts per generate() call; None = the whole step at once",
                                             "rollout")
+    rollout: str = arg("hf", "rollout engine: Hugging Face generate on the training model, or vLLM", "rollout",
+                       ROLLOUT_BACKENDS)
+    vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
+                         VLLM_MODES)
+    vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
+    vllm_gpu_memory_utilization: float = arg(0.3, "colocate: fraction of GPU memory vLLM may take", "rollout")
+    vllm_max_model_len: int | None = arg(None, "colocate: vLLM context length; None = max_prompt_length + "
+                                               "max_completion_length", "rollout")
+    vllm_enable_sleep_mode: bool = arg(True, "colocate: offload vLLM weights and KV cache while training (GPU only; "
+                                             "skipped on CPU)", "rollout")
+    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.vllm_server`",
+                               "rollout")
+    vllm_server_timeout: float = arg(240.0, "server: seconds to wait for the server to answer /health", "rollout")
+    vllm_sync_bucket_mb: int = arg(512, "server: weights are sent in buckets of about this many MiB (whole layers)",
+                                   "rollout")
+    check_weight_sync: bool = arg(False, "after each weight sync, compare the engine's log-probs of one sampled "
+                                         "sequence with the trainer's and stop beyond --weight_sync_tolerance",
+                                  "rollout")
+    weight_sync_tolerance: float | None = arg(None, "largest allowed |engine - trainer| token log-prob; None = 1e-3 "
+                                                    "in float32, 0.25 in 16-bit", "rollout")
     # loss
     alpha: float = arg(0.0, "divergence: 0 = forward KL(teacher||student), 1 = reverse KL, between = "
                             "generalized JSD", "loss")
@@ -110,6 +139,9 @@ class Args:
     tail_bucket: bool = arg(True, "topk mode: add one bucket with the remaining probability mass", "loss")
     num_loss_tokens_to_skip: int = arg(3, "first completion tokens left out of the loss (still attended)", "loss")
     is_cap: float = arg(2.0, "cap of the per-token importance ratio exp(logp_train - logp_rollout)", "loss")
+    is_mode: str = arg("sequence_average", "rollout-engine/trainer correction: capped ratio averaged per sequence "
+                                           "(SDFT), capped per token (SDPO), or sequences outside [1/cap, cap] "
+                                           "masked", "loss", list(IS_MODES))
     top_entropy_quantile: float = arg(1.0, "keep only loss tokens in the top q fraction of student entropy "
                                            "(1.0 = all)", "loss")
     loss_chunk_size: int = arg(512, "tokens per chunk when computing logits and the divergence", "loss")
@@ -170,6 +202,7 @@ def main() -> None:
     # ---------------------------------------------------------------- arguments, data (before any model loads)
     args = parse_args(Args, description=__doc__, default_config=EMBEDDED_RECIPE if _no_task_given() else None)
     check_args(args)
+    check_rollout_args(args)
     template = load_teacher_template(args.teacher_template)
     dataset = load_sdft_dataset(args.dataset, prompt_column=args.prompt_column,
                                 demonstration_column=args.demonstration_column,
@@ -214,7 +247,7 @@ def main() -> None:
     accelerator.register_for_checkpointing(scheduler)
     if args.teacher_kind == "ema":
         accelerator.register_for_checkpointing(teacher)
-    rollout = HFRollout(model, tokenizer.pad_token_id, eos_ids, args.generation_batch_size)
+    rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations)
 
@@ -222,6 +255,7 @@ def main() -> None:
     if resume_path is not None:
         start_step = load_checkpoint(accelerator, resume_path)["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
+    rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
@@ -295,9 +329,9 @@ def main() -> None:
                     temperature=args.temperature, chunk_size=args.loss_chunk_size)
                 per_token = scatter_rows(divergence, scored)
                 loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask, args.top_entropy_quantile)
-                sequence_weights, stats = sequence_is_weights(per_token["student_logprobs"], batch.rollout_logprobs,
-                                                              loss_mask, cap=args.is_cap)
-                loss = sequence_mean_loss(per_token["loss"], loss_mask, sequence_weights)
+                is_weights, stats = importance_weights(per_token["student_logprobs"], batch.rollout_logprobs,
+                                                       loss_mask, mode=args.is_mode, cap=args.is_cap)
+                loss = sequence_mean_loss(per_token["loss"] * is_weights, loss_mask)
                 accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
 
             with torch.no_grad():
@@ -321,6 +355,9 @@ def main() -> None:
         if args.teacher_kind == "ema":
             ema_update_(teacher, model, args.ema_rate)
         rollout.sync_weights(model)
+        if args.check_weight_sync:
+            check_weight_sync(rollout, model, student_prompts[0], min(args.max_completion_length, 32),
+                              weight_sync_tolerance(args.weight_sync_tolerance, dtype))
 
         # 5. log and save
         summed = accelerator.reduce(torch.stack([torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)

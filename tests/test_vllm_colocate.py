@@ -68,3 +68,25 @@ def test_weight_sync_after_a_training_step(engine):
     rollout.sync_weights(model)
     difference = check_weight_sync(rollout, model, PROMPTS[0], max_new_tokens=8, tolerance=TOLERANCE)
     assert difference <= TOLERANCE
+
+
+def assert_vllm_run(output_dir, result):
+    from test_train_sdft import read_metrics
+
+    metrics = read_metrics(output_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["loss"] >= 0 and m["completion_length"] > 0
+        # the engine samples from the synced trainer weights: the correction ratio is 1 up to float32 noise
+        assert abs(m["is_ratio_mean"] - 1) < 1e-3 and m["is_ratio_max"] < 1.01 and m["is_clipped_fraction"] == 0
+    assert "outputs: model" in result.stdout
+
+
+def test_train_sdft_with_vllm_colocate(tmp_path, tiny_model_dir):
+    from test_train_sdft import common_flags, run_script, write_dataset
+
+    output_dir = tmp_path / "out"
+    result = run_script(*common_flags(tiny_model_dir, write_dataset(tmp_path / "train.jsonl"), output_dir),
+                        "--max_steps", 2, "--rollout", "vllm", "--vllm_mode", "colocate", "--check_weight_sync",
+                        "true", "--is_mode", "token_truncate")
+    assert_vllm_run(output_dir, result)
