@@ -69,7 +69,8 @@ from sdft_utils.policy_gradient import (
 )
 from sdft_utils.prompts import tokenize_chat_prompts
 from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
-from sdft_utils.rollout import HFRollout, SamplingConfig
+from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollout_args, make_rollout_engine
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
 from sdft_utils.verifiers import VERIFIERS, load_reward_fn
@@ -104,6 +105,16 @@ class Args:
     num_generations: int = arg(8, "rollouts per question (G)", "rollout")
     questions_per_step: int = arg(32, "questions per generation batch, over all processes", "rollout")
     generation_batch_size: int | None = arg(None, "sequences per generate() call; None = all at once", "rollout")
+    rollout: str = arg("hf", "rollout engine: HF generate on the training model, or vLLM", "rollout", ROLLOUT_BACKENDS)
+    vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
+                         VLLM_MODES)
+    vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
+    vllm_gpu_memory_utilization: float = arg(0.3, "colocate: fraction of GPU memory vLLM may take", "rollout")
+    vllm_max_model_len: int | None = arg(None, "colocate: context length; None = prompt + completion lengths", "rollout")
+    vllm_enable_sleep_mode: bool = arg(True, "colocate: offload vLLM while training (GPU only)", "rollout")
+    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.vllm_server`", "rollout")
+    vllm_server_timeout: float = arg(240.0, "server: seconds to wait for /health", "rollout")
+    vllm_sync_bucket_mb: int = arg(512, "server: weights are sent in buckets of about this many MiB", "rollout")
     # reprompt
     success_threshold: float = arg(0.5, "a rollout with reward >= this is a successful demonstration", "reprompt")
     dont_reprompt_on_self_success: bool = arg(True, "never use the rollout itself as its demonstration", "reprompt")
@@ -179,6 +190,7 @@ def main() -> None:
     # ---------------------------------------------------------------- arguments, data (before any model loads)
     args = parse_args(Args, description=__doc__, default_config=EMBEDDED_RECIPE if _no_task_given() else None)
     check_args(args)
+    check_rollout_args(args)
     if args.dataset is None:
         raise UserInputError("--dataset is required (or a --config recipe that sets it).")
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
@@ -228,8 +240,7 @@ def main() -> None:
     accelerator.register_for_checkpointing(scheduler)
     if args.teacher_kind == "ema":
         accelerator.register_for_checkpointing(teacher)
-    # ROLLOUT ENGINE: HF generate on the training weights (the one place to swap in vLLM)
-    rollout = HFRollout(model, tokenizer.pad_token_id, eos_ids, args.generation_batch_size)
+    rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=group)
 
@@ -237,6 +248,7 @@ def main() -> None:
     if resume_path is not None:
         start_step = load_checkpoint(accelerator, resume_path)["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
+    rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
