@@ -1,0 +1,91 @@
+"""Rollout throughput: Hugging Face `generate` (HFRollout) against vLLM colocate on the same model and prompts.
+
+Both sample at temperature 1 with log-probs recorded, as in training; vLLM is timed after one warm-up call, and its
+weight sync (trainer -> engine, after every optimizer step) is timed too.
+
+    .venv/bin/python benchmarks/rollout_throughput.py                       # tiny random Llama, ~1 min on 2 CPU cores
+    .venv/bin/python benchmarks/rollout_throughput.py --model embedded --prompts 8 --max_new_tokens 64  # SmolLM2-135M
+    python benchmarks/rollout_throughput.py --model Qwen/Qwen2.5-0.5B-Instruct --prompts 64 --max_new_tokens 512  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from sdft_utils.rollout import HFRollout, SamplingConfig  # noqa: E402
+
+
+def timed(function, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), 'embedded' (SmolLM2-135M) or a "
+                                                       "Hugging Face id/folder")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.3)
+    options = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from sdft_utils.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
+
+    workdir = tempfile.mkdtemp(prefix="rollout_bench_")
+    if options.model == "tiny":
+        from sdft_utils.testing import save_tiny_model
+
+        model_path = str(save_tiny_model(Path(workdir) / "tiny"))
+    elif options.model == "embedded":
+        from sdft_utils.assets import embedded_model_path
+
+        model_path = str(embedded_model_path())
+    else:
+        model_path = options.model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    eos = [model.config.eos_token_id] if isinstance(model.config.eos_token_id, int) else model.config.eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    # random prompts that avoid the special tokens, so sequences run to max_new_tokens unless the model ends them
+    prompts = torch.randint(10, min(model.config.vocab_size, 250), (options.prompts, options.prompt_length),
+                            generator=generator).tolist()
+    sampling = SamplingConfig(max_new_tokens=options.max_new_tokens, temperature=1.0)
+
+    rows = []
+    hf = HFRollout(model, pad_token_id=eos[0], eos_token_ids=eos)
+    seconds, rollouts = timed(hf.generate, prompts, sampling)
+    rows.append(("hf generate", seconds, sum(map(len, rollouts.completion_ids))))
+
+    config = VLLMEngineConfig(model=model_path, dtype=dtype, gpu_memory_utilization=options.gpu_memory_utilization,
+                              max_model_len=options.prompt_length + options.max_new_tokens)
+    init_seconds, engine = timed(VLLMColocateRollout, config, eos)
+    engine.generate(prompts[:2], sampling)  # warm-up
+    seconds, rollouts = timed(engine.generate, prompts, sampling)
+    rows.append(("vllm colocate", seconds, sum(map(len, rollouts.completion_ids))))
+    sync_seconds, _ = timed(engine.sync_weights, model)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"\nmodel {options.model} ({parameters / 1e6:.1f}M parameters, {dtype}, {device}), {options.prompts} prompts "
+          f"x {options.prompt_length} tokens, up to {options.max_new_tokens} new tokens, temperature 1")
+    print(f"{'backend':<16}{'seconds':>10}{'new tokens':>12}{'tokens/s':>12}")
+    for name, seconds, tokens in rows:
+        print(f"{name:<16}{seconds:>10.2f}{tokens:>12d}{tokens / seconds:>12.1f}")
+    print(f"vLLM engine start {init_seconds:.1f} s, weight sync {sync_seconds * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
