@@ -74,21 +74,22 @@ class VLLMColocateRollout:
             # same seed inside a TP group: its ranks must sample the same tokens
             seed=config.seed + (accelerator.process_index // tp if accelerator is not None else 0),
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
-            enable_sleep_mode=self.sleep_enabled, enforce_eager=self.cpu or None, **extra,
+            enable_sleep_mode=self.sleep_enabled, enforce_eager=self.cpu, **extra,
         )
-        self.asleep = False
+        self.sleeping: set[str] = set()  # what the engine has released: "weights", "kv_cache"
         self._sleep()
 
     # ------------------------------------------------------------------ sleep around the training phase (GPU)
     def _sleep(self) -> None:
-        if self.sleep_enabled and not self.asleep:
+        if self.sleep_enabled and not self.sleeping:
             self.llm.sleep(level=1)  # level 1 keeps a CPU copy of the weights, so waking is always safe
-            self.asleep = True
+            self.sleeping = {"weights", "kv_cache"}
 
-    def _wake(self, tags: list[str] | None = None) -> None:
-        if self.sleep_enabled and self.asleep:
-            self.llm.wake_up(tags=tags)
-            self.asleep = tags is not None and "kv_cache" not in tags
+    def _wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        waking = [tag for tag in tags if tag in self.sleeping]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self.sleeping -= set(waking)
 
     # ------------------------------------------------------------------ the rollout interface
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Rollouts:
@@ -116,7 +117,7 @@ class VLLMColocateRollout:
 
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:
-        self._wake(["weights"])
+        self._wake(("weights",))  # the KV cache stays asleep until the next generate
         # one lazy pass: each parameter is gathered (ZeRO-3 / FSDP) only when the engine asks for it
         self.llm.collective_rpc("push_weights", args=(full_parameters(model),))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
