@@ -355,9 +355,9 @@ def main() -> None:
         if args.teacher_kind == "ema":
             ema_update_(teacher, model, args.ema_rate)
         rollout.sync_weights(model)
-        if args.check_weight_sync:
-            check_weight_sync(rollout, model, student_prompts[0], min(args.max_completion_length, 32),
-                              weight_sync_tolerance(args.weight_sync_tolerance, dtype))
+        sync_difference = check_weight_sync(rollout, model, student_prompts[0], min(args.max_completion_length, 32),
+                                            weight_sync_tolerance(args.weight_sync_tolerance, dtype)) \
+            if args.check_weight_sync else None
 
         # 5. log and save
         summed = accelerator.reduce(torch.stack([torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)
@@ -380,6 +380,7 @@ def main() -> None:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": total["completion_tokens"] / seconds,
             "step_seconds": seconds,
+            "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }
         metrics_log.log(metrics, step + 1)

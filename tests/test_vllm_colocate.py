@@ -79,6 +79,7 @@ def assert_vllm_run(output_dir, result):
         assert m["loss"] >= 0 and m["completion_length"] > 0
         # the engine samples from the synced trainer weights: the correction ratio is 1 up to float32 noise
         assert abs(m["is_ratio_mean"] - 1) < 1e-3 and m["is_ratio_max"] < 1.01 and m["is_clipped_fraction"] == 0
+        assert 0 <= m["weight_sync_logprob_diff"] <= 1e-3  # --check_weight_sync ran after each step
     assert "outputs: model" in result.stdout
 
 
