@@ -22,13 +22,12 @@ Run:
   python train_sdft.py                                        # embedded default: SmolLM2-135M on bundled facts
   python train_sdft.py --model Qwen/Qwen2.5-7B-Instruct --dataset data.jsonl --output_dir outputs/run1
   python train_sdft.py --config recipes/sdft_tooluse.yaml     # the paper's recipe (needs a GPU)
-  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
-  sbatch slurm/sdft.sbatch
+  accelerate launch --num_processes 8 train_sdft.py --config recipes/sdft_science.yaml
+  (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -45,7 +44,7 @@ from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import load_sdft_dataset
+from sdft_utils.data import load_sdft_dataset, step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
 from sdft_utils.losses import (
@@ -55,6 +54,7 @@ from sdft_utils.losses import (
     entropy_quantile_mask,
     importance_weights,
     kl_k3,
+    scatter_rows,
     sequence_mean_loss,
 )
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
@@ -403,29 +403,6 @@ def main() -> None:
         checkpoints = list_checkpoints(output_dir)
         final = checkpoints[-1] if checkpoints else output_dir
         print(f"outputs: model {final}  metrics {metrics_log.path}")
-
-
-def step_indices(step: int, num_examples: int, prompts_per_step: int, seed: int, process_index: int,
-                 prompts_per_process: int) -> list[int]:
-    """The dataset rows of this process at `step`. The data is an endless stream of seeded per-epoch shuffles, so
-    the position in it is a function of the step alone and a resumed run sees exactly the same prompts."""
-    first = step * prompts_per_step + process_index * prompts_per_process
-    positions = [divmod(position, num_examples) for position in range(first, first + prompts_per_process)]
-    return [epoch_order(num_examples, seed, epoch)[offset] for epoch, offset in positions]
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-
-
-def scatter_rows(divergence, scored: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere)."""
-    out = {}
-    for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
-        values = getattr(divergence, name)
-        out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
-    return out
 
 
 def _as_list(value) -> list:

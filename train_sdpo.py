@@ -27,8 +27,8 @@ Run:
   python train_sdpo.py                                        # embedded default: SmolLM2-135M learns one-digit sums
   python train_sdpo.py --model Qwen/Qwen3-8B --dataset questions.jsonl --verifier math --output_dir outputs/sdpo1
   python train_sdpo.py --config recipes/sdpo_science.yaml     # Section 3 (needs GPUs)
-  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
-  sbatch slurm/sdpo.sbatch
+  accelerate launch --num_processes 8 train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
+  (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
+from sdft_utils.data import step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
-from sdft_utils.losses import chunked_token_divergence, kl_k3
+from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
     completion_hidden_states,
@@ -74,7 +75,6 @@ from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollo
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
 from sdft_utils.verifiers import VERIFIERS, load_reward_fn
-from train_sdft import scatter_rows, step_indices
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdpo_embedded.yaml"
 SDPO_TEACHER_KINDS = ["ema", "trust_region", "frozen"]

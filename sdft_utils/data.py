@@ -7,10 +7,13 @@ CSV header is not counted). `SDFTExample.row` is the 0-based index of the row in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from sdft_utils.errors import UserInputError
 from sdft_utils.prompts import AUTHORS_TEMPLATE, build_teacher_messages, check_teacher_template, to_messages
@@ -468,3 +471,17 @@ def _quote(column: str) -> str:
 def _json_type(value: object) -> str:
     names = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
     return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def step_indices(step: int, num_examples: int, prompts_per_step: int, seed: int, process_index: int,
+                 prompts_per_process: int) -> list[int]:
+    """The dataset rows of this process at `step`. The data is an endless stream of seeded per-epoch shuffles, so
+    the position in it is a function of the step alone and a resumed run sees exactly the same prompts."""
+    first = step * prompts_per_step + process_index * prompts_per_process
+    positions = [divmod(position, num_examples) for position in range(first, first + prompts_per_process)]
+    return [epoch_order(num_examples, seed, epoch)[offset] for epoch, offset in positions]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()

@@ -491,3 +491,12 @@ def kl_k3(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
     """
     r = teacher_logprobs - student_logprobs
     return torch.expm1(r) - r  # expm1 keeps precision when r ≈ 0
+
+
+def scatter_rows(divergence: TokenDivergence, scored: Tensor) -> dict[str, Tensor]:
+    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere)."""
+    out = {}
+    for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
+        values = getattr(divergence, name)
+        out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+    return out

@@ -261,3 +261,15 @@ def test_all_problems_reported_together_grouped(tmp_path):
 def test_bad_teacher_template_argument(tmp_path):
     with pytest.raises(UserInputError, match="appears 0 times"):
         load_sdft_dataset(write_jsonl(tmp_path / "t.jsonl", ROWS), teacher_template="{prompt}")
+
+
+def test_step_indices_cover_each_epoch_once_and_split_over_processes():
+    from sdft_utils.data import step_indices
+
+    # 10 examples, 4 prompts per step: steps 0-1 and half of step 2 are epoch 0, the rest epoch 1
+    stream = [i for step in range(5) for i in step_indices(step, 10, 4, seed=7, process_index=0, prompts_per_process=4)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # each epoch has its own shuffle
+    halves = [step_indices(3, 10, 4, seed=7, process_index=rank, prompts_per_process=2) for rank in (0, 1)]
+    assert halves[0] + halves[1] == step_indices(3, 10, 4, seed=7, process_index=0, prompts_per_process=4)
+    assert step_indices(3, 10, 4, 7, 0, 4) == stream[12:16]  # a function of the step alone: resumable
