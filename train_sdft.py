@@ -42,7 +42,7 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import load_sdft_dataset, step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
@@ -400,9 +400,7 @@ def main() -> None:
             key = f"eval/{name}_accuracy"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
             print(f"{name}: accuracy {start_text}{after[key]:.3f}")
-        checkpoints = list_checkpoints(output_dir)
-        final = checkpoints[-1] if checkpoints else output_dir
-        print(f"outputs: model {final}  metrics {metrics_log.path}")
+        print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
 
 
 def _as_list(value) -> list:

@@ -48,7 +48,7 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import list_checkpoints, load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
@@ -163,8 +163,10 @@ class Args:
     report_to: str = arg("none", "experiment tracker", "outputs", REPORT_TO_CHOICES)
     run_name: str = arg("sdpo", "tracker project/run name", "outputs")
     # evaluation
-    eval_datasets: list[str] = arg([], "files like the training data; greedy success rate before and after",
+    eval_datasets: list[str] = arg([], "files like the training data; success rate before and after",
                                    "evaluation")
+    eval_temperature: float = arg(0.0, "evaluation sampling temperature (0 = greedy)", "evaluation")
+    eval_samples: int = arg(1, "completions per evaluation question (the success rate averages them)", "evaluation")
     eval_max_new_tokens: int = arg(256, "maximum new tokens per evaluation answer", "evaluation")
 
 
@@ -255,13 +257,16 @@ def main() -> None:
     accelerator.init_trackers(args.run_name, config=asdict(args))
     metrics_log = MetricsLog(accelerator, output_dir, resume_step=start_step if resume_path else None)
 
+    eval_kind = "greedy" if args.eval_temperature == 0 else f"sampled (T={args.eval_temperature}, {args.eval_samples}/q)"
+
     def evaluate(when: str) -> dict[str, float]:
         results = {}
         for name, examples in eval_sets.items():
             rate = success_rate(rollout, tokenizer, examples, score, accelerator, args.max_prompt_length,
-                                args.eval_max_new_tokens, args.success_threshold)
+                                args.eval_max_new_tokens, args.success_threshold, args.eval_temperature,
+                                args.eval_samples)
             results[f"eval/{name}_success"] = rate
-            accelerator.print(f"[{when}] {name}: greedy success rate {rate:.3f} ({len(examples)} questions)")
+            accelerator.print(f"[{when}] {name}: {eval_kind} success rate {rate:.3f} ({len(examples)} questions)")
         return results
 
     before = evaluate("before training") if eval_sets and start_step == 0 else {}
@@ -398,9 +403,8 @@ def main() -> None:
         for name in eval_sets:
             key = f"eval/{name}_success"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
-            print(f"{name}: greedy success rate {start_text}{after[key]:.3f}")
-        checkpoints = list_checkpoints(output_dir)
-        print(f"outputs: model {checkpoints[-1] if checkpoints else output_dir}  metrics {metrics_log.path}")
+            print(f"{name}: {eval_kind} success rate {start_text}{after[key]:.3f}")
+        print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
 
 
 @torch.no_grad()

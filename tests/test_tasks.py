@@ -47,3 +47,25 @@ def test_missing_prompt_column_suggests_the_right_flag(tmp_path):
 def test_a_reward_fn_needs_no_verifier_columns(tmp_path):
     tasks = load_sdpo_tasks(write(tmp_path, [{"prompt": "q"}]), custom_reward=True)
     assert tasks[0].verifier == "reward_fn"
+
+
+def test_success_rate_averages_sampled_completions_per_question(tokenizer):
+    from accelerate import Accelerator
+
+    from sdft_utils.rollout import HFRollout
+    from sdft_utils.tasks import Task, success_rate
+    from sdft_utils.testing import tiny_llama
+    from sdft_utils.verifiers import Verdict
+
+    tasks = [Task([{"role": "user", "content": f"q{i}"}], {"answer": str(i)}, "math") for i in range(3)]
+    rollout = HFRollout(tiny_llama(), tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    seen = []
+
+    def score(task, text):  # every second completion of each question succeeds
+        seen.append(task.row["answer"])
+        return Verdict(float(seen.count(task.row["answer"]) % 2 == 1), "")
+
+    rate = success_rate(rollout, tokenizer, tasks, score, Accelerator(cpu=True), 64, 4, temperature=1.0, samples=4)
+    assert len(seen) == 12 and rate == 0.5
+    seen.clear()
+    assert success_rate(rollout, tokenizer, tasks, score, Accelerator(cpu=True), 64, 4) == 1.0 and len(seen) == 3
