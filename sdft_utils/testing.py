@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -87,3 +90,14 @@ class LiveTensorBytes(TorchDispatchMode):
             self.largest = max(self.largest, nbytes)
             weakref.finalize(storage, self._release, key, nbytes)
         return out
+
+
+def run_training_script(script: str, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT ARGS...` from the repository root as a user would, offline, one thread per process."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(root / script), *map(str, args)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -2,27 +2,21 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdft_utils.testing import run_training_script
+
 ROOT = Path(__file__).resolve().parents[1]
 EMA_RATE = 0.1
 
 
 def run_script(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(ROOT / "train_sdft.py"), *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+    return run_training_script("train_sdft.py", *args, check=check)
 
 
 def write_dataset(path: Path) -> Path:
