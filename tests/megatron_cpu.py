@@ -14,12 +14,17 @@ import torch
 megatron_core = pytest.importorskip("megatron.core", reason="megatron-core is optional (requirements-megatron.txt)")
 
 
-def init_megatron_cpu(tensor_parallel_size: int, seed: int = 0) -> None:
-    """Inside a gloo rank: CPU shims, then megatron's parallel state with the given TP size."""
-    from megatron.core import parallel_state
+def apply_cpu_shims() -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     megatron_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def init_megatron_cpu(tensor_parallel_size: int, seed: int = 0) -> None:
+    """Inside a gloo rank: CPU shims, then megatron's parallel state with the given TP size."""
+    from megatron.core import parallel_state
+
+    apply_cpu_shims()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
     torch.manual_seed(seed)
