@@ -57,6 +57,7 @@ from sdft_utils.losses import (
     scatter_rows,
     sequence_mean_loss,
 )
+from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
     completion_hidden_states,
@@ -92,6 +93,10 @@ class Args:
     attn_implementation: str | None = arg(None, "attention kernel (sdpa, flash_attention_2, eager); None = "
                                                 "transformers' default", "model")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory", "model")
+    backend: str = arg("accelerate", "training backend: accelerate (DDP/DeepSpeed/FSDP) or megatron (Megatron-core "
+                                     "tensor parallelism, launched with torchrun)", "model", BACKENDS)
+    tensor_model_parallel_size: int = arg(1, "megatron: processes that share one copy of the model (within a node)",
+                                          "model")
     # data
     dataset: str | None = arg(None, "jsonl/json/parquet/csv file, save_to_disk folder or hub id. Without it (and "
                                     "without --config) the embedded default recipe runs", "data")
@@ -203,6 +208,7 @@ def main() -> None:
     args = parse_args(Args, description=__doc__, default_config=EMBEDDED_RECIPE if _no_task_given() else None)
     check_args(args)
     check_rollout_args(args)
+    check_megatron_args(args)
     template = load_teacher_template(args.teacher_template)
     dataset = load_sdft_dataset(args.dataset, prompt_column=args.prompt_column,
                                 demonstration_column=args.demonstration_column,
@@ -212,7 +218,9 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
-    world = PartialState().num_processes
+    # megatron: parallel state first; data is sharded over data-parallel groups (TP ranks share a batch)
+    megatron = MegatronBackend(args.tensor_model_parallel_size, args.seed) if args.backend == "megatron" else None
+    world = megatron.data_world if megatron else PartialState().num_processes
     sequences_per_step = args.prompts_per_step * args.num_generations
     if args.prompts_per_step % world or (sequences_per_step // world) % args.per_device_batch_size:
         raise UserInputError(
@@ -226,34 +234,45 @@ def main() -> None:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(dataset) / args.prompts_per_step)
     set_seed(args.seed)
+    data_rank = megatron.data_rank if megatron else accelerator.process_index
 
     # ---------------------------------------------------------------- models, optimizer, rollout engine
     model_path = args.model or embedded_model_path()
     dtype = resolve_dtype(args.dtype)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype, args.attn_implementation)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
-                           torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
-    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    if megatron:  # GPTModel shards of student and teacher
+        model, teacher = megatron.load_models(model_path, args.teacher_kind, args.teacher_model, dtype)
+        eos_ids = megatron.eos_token_ids(tokenizer)
+    else:
+        model = load_model(model_path, dtype, args.attn_implementation)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
+                               torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
+        eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the schedule counts optimizer steps; it is not prepared, because accelerate would step it once per process
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if teacher is not accelerator.unwrap_model(model):
-        teacher.to(accelerator.device)
-    accelerator.register_for_checkpointing(scheduler)
-    if args.teacher_kind == "ema":
-        accelerator.register_for_checkpointing(teacher)
-    rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
+    if megatron:
+        rollout = megatron.rollout_engine(args, tokenizer, accelerator, eos_ids, model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if teacher is not accelerator.unwrap_model(model):
+            teacher.to(accelerator.device)
+        accelerator.register_for_checkpointing(scheduler)
+        if args.teacher_kind == "ema":
+            accelerator.register_for_checkpointing(teacher)
+        rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
+    divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
+    metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same totals
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations)
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        start_step = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
+                      else load_checkpoint(accelerator, resume_path))["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -282,7 +301,7 @@ def main() -> None:
     for step in progress_bar:
         step_start = time.perf_counter()
         examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed,
-                                                     accelerator.process_index, prompts_per_process)]
+                                                     data_rank, prompts_per_process)]
         student_prompts, student_truncated = tokenize_chat_prompts(
             tokenizer, [example.prompt for example in examples], args.max_prompt_length)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
@@ -322,7 +341,7 @@ def main() -> None:
                                                               batch.teacher_attention_mask, width)
                 student_weight, student_bias = output_head(model)
                 teacher_weight, teacher_bias = output_head(teacher)
-                divergence = chunked_token_divergence(
+                divergence = divergence_fn(
                     student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
                     batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
                     alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
@@ -346,8 +365,11 @@ def main() -> None:
             is_stats.append(stats)
 
         # 4. optimizer step, then the teacher follows the student
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
-            if args.max_grad_norm > 0 else None
+        if megatron:  # completes the TP/DP gradients, then clips by the global norm
+            grad_norm = megatron.clip_grad_norm_(model, args.max_grad_norm)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm) \
+                if args.max_grad_norm > 0 else None
         learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -361,7 +383,7 @@ def main() -> None:
 
         # 5. log and save
         summed = accelerator.reduce(torch.stack([torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)
-                                                 for value in totals.values()]), reduction="sum").tolist()
+                                                 for value in totals.values()]) * metric_weight, reduction="sum").tolist()
         total = dict(zip(totals, summed, strict=True))
         loss_tokens = max(total["loss_tokens"], 1.0)
         seconds = time.perf_counter() - step_start
@@ -386,8 +408,12 @@ def main() -> None:
         metrics_log.log(metrics, step + 1)
         progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
         if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
-            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                   args.save_total_limit)
+            if megatron:
+                path = megatron.save_checkpoint(output_dir, step + 1, model, teacher, optimizer, scheduler, tokenizer,
+                                                {"step": step + 1}, args.save_total_limit)
+            else:
+                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
+                                       args.save_total_limit)
             progress_bar.write(f"saved {path}")
 
     # ---------------------------------------------------------------- summary

@@ -41,6 +41,9 @@ def _is_zero3(param: torch.Tensor) -> bool:
 def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (hf_name, full detached tensor) for every parameter, in module order (= layer order), one at a time.
     Tied weights appear once (named_parameters deduplicates), under the first name (the input embedding)."""
+    if hasattr(model, "hf_parameters"):  # Megatron TP shards (sdft_utils.megatron.backend): gathered, HF names
+        yield from model.hf_parameters()
+        return
     for name, param in _unwrap(model).named_parameters():
         if _is_zero3(param):
             import deepspeed  # only present where ZeRO-3 runs

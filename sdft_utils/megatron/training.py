@@ -224,27 +224,25 @@ def hf_parameters(model: nn.Module, layout: Layout) -> Iterator[tuple[str, Tenso
     yield from megatron_final_to_hf(shards_of(("decoder.final_layernorm.", "output_layer.")), layout)
 
 
-def save_hf_checkpoint(model: nn.Module, layout: Layout, model_path: str | Path, output_dir: str | Path,
+def save_hf_checkpoint(model: nn.Module, layout: Layout, model_path: str | Path, folder: str | Path,
                        tokenizer=None) -> Path:
-    """Write the trained weights as a Hugging Face folder (config copied from `model_path`); global rank 0 writes,
-    every rank takes part in the gathers. Written to a temporary folder and renamed, so a crash leaves no half
-    checkpoint."""
+    """Write the trained weights as a Hugging Face folder (config copied from `model_path`) into `folder`: every rank
+    takes part in the gathers, global rank 0 writes. Callers write into a staging folder and rename it (as
+    `MegatronBackend.save_checkpoint` does), so a crash leaves no half checkpoint under the final name."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    output_dir = Path(output_dir)
+    folder = Path(folder)
     writer = dist.get_rank() == 0
     state = {}
     for name, tensor in hf_parameters(model, layout):
         if writer:
             state[name] = tensor.detach().to("cpu", copy=True).contiguous()
     if writer:
-        partial = output_dir.with_name(output_dir.name + ".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
-        AutoConfig.from_pretrained(model_path).save_pretrained(partial)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        AutoConfig.from_pretrained(model_path).save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        partial.rename(output_dir)
+            tokenizer.save_pretrained(folder)
     dist.barrier()
-    return output_dir
+    return folder
