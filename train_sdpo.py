@@ -53,6 +53,7 @@ from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
+from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
     completion_hidden_states,
@@ -88,6 +89,10 @@ class Args:
                      ["auto", "bfloat16", "float16", "float32"])
     attn_implementation: str | None = arg(None, "attention kernel (sdpa, flash_attention_2, eager)", "model")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward to save memory", "model")
+    backend: str = arg("accelerate", "training backend: accelerate (DDP/DeepSpeed/FSDP) or megatron (Megatron-core "
+                                     "tensor parallelism, launched with torchrun)", "model", BACKENDS)
+    tensor_model_parallel_size: int = arg(1, "megatron: processes that share one copy of the model (within a node)",
+                                          "model")
     # data and verification
     dataset: str | None = arg(None, "questions + verifier columns (jsonl/json/parquet/csv, folder or hub id). "
                                     "Without it (and without --config) the embedded default runs", "data")
@@ -193,6 +198,7 @@ def main() -> None:
     args = parse_args(Args, description=__doc__, default_config=EMBEDDED_RECIPE if _no_task_given() else None)
     check_args(args)
     check_rollout_args(args)
+    check_megatron_args(args)
     if args.dataset is None:
         raise UserInputError("--dataset is required (or a --config recipe that sets it).")
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
@@ -207,7 +213,9 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
-    world = PartialState().num_processes
+    # megatron: parallel state first; data is sharded over data-parallel groups (TP ranks share a batch)
+    megatron = MegatronBackend(args.tensor_model_parallel_size, args.seed) if args.backend == "megatron" else None
+    world = megatron.data_world if megatron else PartialState().num_processes
     group = args.num_generations
     if args.questions_per_step % (world * args.mini_batches) or \
             (args.questions_per_step // world // args.mini_batches * group) % args.per_device_batch_size:
@@ -223,32 +231,43 @@ def main() -> None:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(tasks) / args.questions_per_step)
     set_seed(args.seed)
+    data_rank = megatron.data_rank if megatron else accelerator.process_index
 
     # ---------------------------------------------------------------- models, optimizer, rollout engine
     model_path = args.model or embedded_model_path()
     dtype = resolve_dtype(args.dtype)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype, args.attn_implementation)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # ema: the teacher is a second copy that follows the student; trust_region/frozen: the frozen initial model
-    teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
-                           args.attn_implementation).to(accelerator.device)
-    eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    if megatron:  # GPTModel shards of student and teacher
+        model, teacher = megatron.load_models(model_path, args.teacher_kind, None, dtype)
+        eos_ids = megatron.eos_token_ids(tokenizer)
+    else:
+        model = load_model(model_path, dtype, args.attn_implementation)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # ema: the teacher is a second copy that follows the student; trust_region/frozen: the frozen initial model
+        teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
+                               args.attn_implementation).to(accelerator.device)
+        eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps * args.mini_batches)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    if args.teacher_kind == "ema":
-        accelerator.register_for_checkpointing(teacher)
-    rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
+    if megatron:
+        rollout = megatron.rollout_engine(args, tokenizer, accelerator, eos_ids, model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+        if args.teacher_kind == "ema":
+            accelerator.register_for_checkpointing(teacher)
+        rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
+    divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
+    metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same sums
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=group)
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        start_step = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
+                      else load_checkpoint(accelerator, resume_path))["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -279,7 +298,7 @@ def main() -> None:
     for step in progress_bar:
         step_start = time.perf_counter()
         batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.questions_per_step, args.seed,
-                                                      accelerator.process_index, questions_per_process)]
+                                                      data_rank, questions_per_process)]
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
@@ -323,7 +342,7 @@ def main() -> None:
                 teacher_hidden, teacher_weight, teacher_bias = teacher_view(
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
                 student_weight, student_bias = output_head(model)
-                divergence = chunked_token_divergence(
+                divergence = divergence_fn(
                     student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
                     batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
                     alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
@@ -345,7 +364,9 @@ def main() -> None:
                                    args.grpo_lambda)
                 accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
                 if accelerator.sync_gradients:  # the last micro-batch of a mini-batch: one optimizer step
-                    if args.max_grad_norm > 0:
+                    if megatron:  # completes the TP/DP gradients, then clips by the global norm
+                        grad_norms.append(megatron.clip_grad_norm_(model, args.max_grad_norm))
+                    elif args.max_grad_norm > 0:
                         grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
                     learning_rate = scheduler.get_last_lr()[0]
                     optimizer.step()
@@ -367,7 +388,7 @@ def main() -> None:
         rollout.sync_weights(model)
 
         # 7. log and save
-        global_sums = accelerator.reduce(sums, reduction="sum").tolist()
+        global_sums = accelerator.reduce(sums * metric_weight, reduction="sum").tolist()
         distill_tokens = max(global_sums[4], 1.0)
         seconds = time.perf_counter() - step_start
         metrics = {
@@ -390,8 +411,12 @@ def main() -> None:
         progress_bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}",
                                  reprompted=f"{reprompt_stats['reprompt_sample_fraction']:.2f}")
         if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
-            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                   args.save_total_limit)
+            if megatron:
+                path = megatron.save_checkpoint(output_dir, step + 1, model, teacher, optimizer, scheduler, tokenizer,
+                                                {"step": step + 1}, args.save_total_limit)
+            else:
+                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
+                                       args.save_total_limit)
             progress_bar.write(f"saved {path}")
 
     # ---------------------------------------------------------------- summary

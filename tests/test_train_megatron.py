@@ -105,3 +105,24 @@ def test_megatron_flag_errors_exit_2_before_loading(tmp_path):
     result = run_training_script("train_sdft.py", "--dataset", dataset, "--backend", "megatron", "--model",
                                  tmp_path / "missing", check=False)
     assert result.returncode == 2 and "local Hugging Face folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_sdpo_megatron_tp2_one_step(tp_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    # code questions: a random model fails them, so every rollout is reprompted with the verifier's feedback
+    rows = [{"prompt": f"Print {n}.", "verifier": "code", "tests": [{"input": "", "output": str(n)}]} for n in range(4)]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    torchrun("train_sdpo.py", "--backend", "megatron", "--tensor_model_parallel_size", 2, "--model", tp_model_dir,
+             "--dataset", data, "--output_dir", out, "--questions_per_step", 2, "--num_generations", 2,
+             "--per_device_batch_size", 2, "--max_completion_length", 8, "--max_steps", 1, "--top_k", 5,
+             "--learning_rate", 1e-3, "--warmup_steps", 0)
+    (metrics,) = read_metrics(out)
+    assert metrics["reprompt/reprompt_sample_fraction"] == 1.0
+    assert metrics["loss"] > 0 and metrics["grad_norm"] > 0 and metrics["distill/divergence"] > 0
+    trained = load_file(out / "checkpoint-1" / "model.safetensors")
+    initial = load_file(tp_model_dir / "model.safetensors")
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])

@@ -43,7 +43,7 @@ def check_megatron_args(args) -> None:
     unsupported = {
         "--rollout vllm --vllm_mode colocate (use --vllm_mode server, or --rollout hf)":
             args.rollout == "vllm" and args.vllm_mode == "colocate",
-        "--check_weight_sync": args.check_weight_sync,
+        "--check_weight_sync": getattr(args, "check_weight_sync", False),
         "--eval_datasets": bool(args.eval_datasets),
         "--teacher_kind trust_region": args.teacher_kind == "trust_region",
         "--grpo_lambda > 0": getattr(args, "grpo_lambda", 0) > 0,
