@@ -207,7 +207,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
-    world = PartialState().num_processes
+    world = start_processes().num_processes
     group = args.num_generations
     if args.questions_per_step % (world * args.mini_batches) or \
             (args.questions_per_step // world // args.mini_batches * group) % args.per_device_batch_size:
