@@ -71,7 +71,7 @@ from sdft_utils.modeling import (
     resolve_dtype,
 )
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
-from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import (
     ROLLOUT_BACKENDS,
     VLLM_MODES,
@@ -297,7 +297,9 @@ def main() -> None:
             warned_about_truncation = True
 
         # 1. on-policy samples: the student sees the prompt alone
-        rollouts = rollout.generate(student_prompts, sampling)
+        # per-prompt seeds: the same samples whether the step runs on 1 process or N
+        rollouts = rollout.generate(student_prompts, sampling, prompt_seeds(
+            args.seed, step, accelerator.process_index * prompts_per_process, len(student_prompts)))
         repeat = args.num_generations
         student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]
