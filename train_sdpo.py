@@ -27,8 +27,8 @@ Run:
   python train_sdpo.py                                        # embedded default: SmolLM2-135M learns one-digit sums
   python train_sdpo.py --model Qwen/Qwen3-8B --dataset questions.jsonl --verifier math --output_dir outputs/sdpo1
   python train_sdpo.py --config recipes/sdpo_science.yaml     # Section 3 (needs GPUs)
-  accelerate launch --num_processes 8 train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
-  (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
+  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
+  sbatch slurm/sdpo.sbatch                                    # multi-node, optional vLLM server node
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -51,6 +50,13 @@ from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import step_indices
+from sdft_utils.distributed import (
+    gathered_output_head,
+    make_accelerator,
+    prepare_teacher,
+    run_with_output_head,
+    start_processes,
+)
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
@@ -59,7 +65,6 @@ from sdft_utils.modeling import (
     completion_hidden_states,
     load_model,
     load_tokenizer,
-    output_head,
     resolve_dtype,
 )
 from sdft_utils.policy_gradient import (
@@ -71,7 +76,7 @@ from sdft_utils.policy_gradient import (
 )
 from sdft_utils.prompts import tokenize_chat_prompts
 from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
-from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollout_args, make_rollout_engine
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
@@ -215,7 +220,7 @@ def main() -> None:
 
     # megatron: parallel state first; data is sharded over data-parallel groups (TP ranks share a batch)
     megatron = MegatronBackend(args.tensor_model_parallel_size, args.seed) if args.backend == "megatron" else None
-    world = megatron.data_world if megatron else PartialState().num_processes
+    world = megatron.data_world if megatron else start_processes().num_processes
     group = args.num_generations
     if args.questions_per_step % (world * args.mini_batches) or \
             (args.questions_per_step // world // args.mini_batches * group) % args.per_device_batch_size:
@@ -226,8 +231,8 @@ def main() -> None:
     questions_per_process = args.questions_per_step // world
     sequences_per_mini_batch = questions_per_process // args.mini_batches * group
     accumulation_steps = sequences_per_mini_batch // args.per_device_batch_size
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, log_with=tracker_for(args.report_to),
-                              project_dir=str(output_dir))
+    accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
+                                   tracker_for(args.report_to), str(output_dir))
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(tasks) / args.questions_per_step)
     set_seed(args.seed)
@@ -246,18 +251,19 @@ def main() -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # ema: the teacher is a second copy that follows the student; trust_region/frozen: the frozen initial model
         teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
-                               args.attn_implementation).to(accelerator.device)
+                               args.attn_implementation)
         eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps * args.mini_batches)
     if megatron:
+        teacher_state = None  # megatron checkpoints carry the teacher shards themselves
         rollout = megatron.rollout_engine(args, tokenizer, accelerator, eos_ids, model)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+        teacher = prepare_teacher(teacher, model, accelerator)  # sharded like the student under ZeRO-3 / FSDP2
         accelerator.register_for_checkpointing(scheduler)
-        if args.teacher_kind == "ema":
-            accelerator.register_for_checkpointing(teacher)
+        teacher_state = teacher if args.teacher_kind == "ema" else None  # what checkpoints must carry of the teacher
         rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
     divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
     metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same sums
@@ -267,7 +273,7 @@ def main() -> None:
     start_step = 0
     if resume_path is not None:
         start_step = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
-                      else load_checkpoint(accelerator, resume_path))["step"]
+                      else load_checkpoint(accelerator, resume_path, teacher_state))["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -302,7 +308,9 @@ def main() -> None:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
-        rollouts = rollout.generate(prompt_ids, sampling)
+        # per-question seeds: the same samples whether the step runs on 1 process or N
+        rollouts = rollout.generate(prompt_ids, sampling, prompt_seeds(
+            args.seed, step, data_rank * questions_per_process, len(prompt_ids)))
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         verdicts = [score(task, text) for task, text in zip([t for t in batch_tasks for _ in range(group)], texts,
                                                              strict=True)]
@@ -341,12 +349,12 @@ def main() -> None:
                                                           width)
                 teacher_hidden, teacher_weight, teacher_bias = teacher_view(
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
-                student_weight, student_bias = output_head(model)
-                divergence = divergence_fn(
+                # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
+                divergence = run_with_output_head(model, lambda student_weight, student_bias: divergence_fn(
                     student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
                     batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
                     alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                    temperature=args.temperature, chunk_size=args.loss_chunk_size))
                 per_token = scatter_rows(divergence, scored)
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
@@ -354,9 +362,10 @@ def main() -> None:
                                                   args.rollout_is_clip)
                 policy = None
                 if args.grpo_lambda > 0:  # the hybrid's GRPO part needs log pi(y) with gradients
-                    logprobs = torch.zeros_like(current).masked_scatter(scored, token_logprobs(
-                        student_hidden[scored], student_weight, student_bias, batch.completion_ids[scored],
-                        args.temperature, args.loss_chunk_size))
+                    logprobs = torch.zeros_like(current).masked_scatter(scored, run_with_output_head(
+                        model, lambda weight, bias: token_logprobs(student_hidden[scored], weight, bias,
+                                                                   batch.completion_ids[scored], args.temperature,
+                                                                   args.loss_chunk_size)))
                     correction, _ = token_is_weights(old, old, batch.rollout_logprobs, 1.0, args.rollout_is_clip)
                     policy = clipped_policy_loss(logprobs, old, advantages[rows].to(logprobs.device), correction,
                                                  args.clip_low, args.clip_high)
@@ -416,8 +425,9 @@ def main() -> None:
                                                 {"step": step + 1}, args.save_total_limit)
             else:
                 path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                       args.save_total_limit)
-            progress_bar.write(f"saved {path}")
+                                       args.save_total_limit, teacher_state)
+            if accelerator.is_main_process:
+                progress_bar.write(f"saved {path}")
 
     # ---------------------------------------------------------------- summary
     after = evaluate("after training") if eval_sets else {}
@@ -437,12 +447,12 @@ def teacher_view(args: Args, teacher, model, input_ids: torch.Tensor, attention_
     """The teacher's hidden states (B, T, H') and head on the reprompt. Trust region: logits (1-a)*z_ref + a*z_theta,
     written as one head over the concatenated hidden states [(1-a) h_ref, a h_theta] @ [W_ref, W_theta]^T."""
     hidden = completion_hidden_states(teacher, input_ids, attention_mask, width)
-    weight, bias = output_head(teacher)
+    weight, bias = gathered_output_head(teacher)
     if args.teacher_kind != "trust_region":
         return hidden, weight, bias
     mix = args.teacher_update_rate
     current_hidden = completion_hidden_states(model, input_ids, attention_mask, width)
-    current_weight, current_bias = output_head(model)
+    current_weight, current_bias = gathered_output_head(model)
     hidden = torch.cat([(1 - mix) * hidden, mix * current_hidden], dim=-1)
     weight = torch.cat([weight, current_weight.detach()], dim=-1)
     if bias is not None or current_bias is not None:
@@ -460,7 +470,7 @@ def recompute_logprobs(model, prompts: list[list[int]], completions: list[list[i
         batch = build_distill_batch(prompts[rows], prompts[rows], completions[rows], None, pad_id).to(device)
         hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
                                           batch.num_completion_tokens)
-        weight, bias = output_head(model)
+        weight, bias = gathered_output_head(model)
         scored = batch.completion_mask.bool()
         values = token_logprobs(hidden[scored], weight, bias, batch.completion_ids[scored], args.temperature,
                                 args.loss_chunk_size)

@@ -50,14 +50,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _is_megatron(model: nn.Module) -> bool:
+def is_megatron_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("megatron.")  # --backend megatron: a GPTModel shard
 
 
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head weight (V, H) and bias (V,) or None, of a possibly wrapped model (for a Megatron GPTModel: this
     rank's vocabulary rows (V/TP, H))."""
-    if _is_megatron(model):
+    if is_megatron_model(model):
         from sdft_utils.megatron.training import output_head_shard
 
         return output_head_shard(model), None
@@ -74,7 +74,7 @@ def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attentio
     output, and `logits_to_keep=1` keeps the head from computing logits for every position. Returns (B, T, H).
     A Megatron GPTModel (--backend megatron) goes through `sdft_utils.megatron.training.completion_hidden_states`.
     """
-    if _is_megatron(model):
+    if is_megatron_model(model):
         from sdft_utils.megatron.training import completion_hidden_states as megatron_hidden_states
 
         return megatron_hidden_states(model, input_ids, attention_mask, num_completion_tokens)

@@ -231,10 +231,10 @@ class _HFCopyRollout:
             self.copy.cuda()
         self.engine = HFRollout(self.copy, pad_token_id, eos_token_ids, batch_size) if keep else None
 
-    def generate(self, prompt_ids, sampling):
+    def generate(self, prompt_ids, sampling, seeds=None):
         from sdft_utils.rollout import Rollouts
 
-        result = self.engine.generate(prompt_ids, sampling)
+        result = self.engine.generate(prompt_ids, sampling, seeds)
         return Rollouts(result.completion_ids, result.logprobs, from_training_weights=False)
 
     @torch.no_grad()
@@ -254,8 +254,8 @@ class _TensorParallelRollout:
         self.weights = _MegatronWeights(model, backend.layout)
         self.source = dist.get_global_rank(backend.tp_group, 0)
 
-    def generate(self, prompt_ids, sampling):
-        result = [self.engine.generate(prompt_ids, sampling) if self.backend.tp_rank == 0 else None]
+    def generate(self, prompt_ids, sampling, seeds=None):
+        result = [self.engine.generate(prompt_ids, sampling, seeds) if self.backend.tp_rank == 0 else None]
         if self.backend.tensor_parallel_size > 1:
             dist.broadcast_object_list(result, src=self.source, group=self.backend.tp_group)
         return result[0]
