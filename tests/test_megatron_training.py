@@ -141,3 +141,65 @@ def test_tp2_step_equals_hugging_face_step(ranks, model_dirs, kind):
                 torch.testing.assert_close(result[label][name], tensor, atol=1e-5, rtol=1e-5,
                                            msg=lambda m, n=name, lab=label: f"{lab} {n}: {m}")
     assert loss.item() > 1e-3 and norm > 1e-3
+
+
+def data_parallel_worker(rank: int, world_size: int, model_dir) -> dict:
+    """TP=1 on 2 processes = 2 data-parallel ranks, each with one of the batch's two sequences."""
+    from sdft_utils.megatron.training import (
+        clip_grad_norm_,
+        completion_hidden_states,
+        data_parallel_rank_and_size,
+        finalize_grads,
+        initialize_parallel,
+        load_gpt_model,
+        output_head_shard,
+        tensor_parallel_group,
+    )
+    from sdft_utils.megatron.vocab_parallel import vocab_parallel_token_divergence
+
+    apply_cpu_shims()
+    initialize_parallel(1, seed=0)
+    data_rank, data_world = data_parallel_rank_and_size()
+    full = batch()
+    b = type(full)(**{k: None if v is None else v[data_rank:data_rank + 1] for k, v in vars(full).items()})
+    student, layout = load_gpt_model(model_dir, 1, torch.float32)
+    teacher, _ = load_gpt_model(model_dir, 1, torch.float32)
+    width = b.num_completion_tokens
+    student_hidden = completion_hidden_states(student, b.student_input_ids, b.student_attention_mask, width)
+    with torch.no_grad():
+        teacher_hidden = completion_hidden_states(teacher, b.teacher_input_ids, b.teacher_attention_mask, width)
+    loss, _ = distill_loss(student_hidden, teacher_hidden, output_head_shard(student), output_head_shard(teacher),
+                           vocab_parallel_token_divergence, b, vocab_size=layout.vocab_size,
+                           group=tensor_parallel_group())
+    loss.backward()
+    finalize_grads(student)
+    return {"data": (data_rank, data_world), "grads": {n: p.grad.clone() for n, p in student.named_parameters()},
+            "norm": clip_grad_norm_(student, 0.0)}
+
+
+def test_data_parallel_gradients_are_the_full_batch_average(model_dirs, tmp_path):
+    """Per-sequence-mean losses on two data-parallel ranks, averaged by finalize_grads = the loss of the whole batch
+    (both rows have the same weight in the batch mean)."""
+    from sdft_utils.megatron.convert import hf_to_megatron_shard, layout_from_hf_config
+    from sdft_utils.modeling import completion_hidden_states, load_model, output_head
+
+    kind = "qwen2"
+    results = run_ranks(data_parallel_worker, 2, tmp_path, model_dirs[kind])
+    assert [r["data"] for r in results] == [(0, 2), (1, 2)]
+    student = load_model(model_dirs[kind], torch.float32, "eager")
+    teacher = load_model(model_dirs[kind], torch.float32, "eager").requires_grad_(False)
+    b = batch()
+    width = b.num_completion_tokens
+    student_hidden = completion_hidden_states(student, b.student_input_ids, b.student_attention_mask, width)
+    with torch.no_grad():
+        teacher_hidden = completion_hidden_states(teacher, b.teacher_input_ids, b.teacher_attention_mask, width)
+    loss, _ = distill_loss(student_hidden, teacher_hidden, output_head(student)[0], output_head(teacher)[0],
+                           chunked_token_divergence, b)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(student.parameters(), float("inf")).item()
+    expected = hf_to_megatron_shard({n: p.grad for n, p in student.named_parameters()},
+                                    layout_from_hf_config(student.config, 1), 0)
+    for result in results:  # identical, complete gradients on both ranks
+        for name, grad in result["grads"].items():
+            torch.testing.assert_close(grad, expected[name], atol=2e-6, rtol=1e-4, msg=name)
+        assert result["norm"] == pytest.approx(norm, rel=1e-5)
