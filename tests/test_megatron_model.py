@@ -33,6 +33,7 @@ def worker(rank: int, world_size: int) -> dict:
     from megatron.core import parallel_state
 
     from sdft_utils.megatron.convert import gpt_model_from_hf_config, layout_from_hf_config, load_hf_weights
+    from sdft_utils.megatron.training import finalize_grads
 
     init_megatron_cpu(world_size)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -50,6 +51,7 @@ def worker(rank: int, world_size: int) -> dict:
         valid = max(0, min(width, layout.vocab_size - start))
         local_upstream[..., :valid] = upstream[..., start:start + valid]
         (logits * local_upstream).sum().backward()
+        finalize_grads(model)  # Qwen3's q/k norms see only this rank's heads: their gradients are summed over TP
         results[kind] = {
             "logits": logits.detach(),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
