@@ -82,6 +82,17 @@ def worker(rank: int, world_size: int) -> dict:
         (out.loss * inputs["token_weights"]).sum().backward()
         results["hidden", index] = {**{f: getattr(out, f) for f in FIELDS}, "grad_hidden": hidden.grad,
                                     "grad_weight": weight.grad, "grad_bias": bias.grad}
+
+    # bfloat16 model tensors: computed in float32, gradients returned in bfloat16
+    width = shard_width(world_size, "hidden")
+    rows = slice(rank * width, (rank + 1) * width)
+    inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in make_inputs(0, width * world_size).items()}
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"][rows].clone().requires_grad_()
+    out = vocab_parallel_token_divergence(hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"][rows],
+                                          inputs["ids"], vocab_size=V, alpha=0.5, mode="topk", top_k=K)
+    out.loss.sum().backward()
+    results["bf16"] = {"loss": out.loss, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
     return results
 
 
@@ -156,3 +167,23 @@ def test_hidden_states_and_head_shards_match_full_vocab_reference(ranks, case):
     torch.testing.assert_close(grad_bias[:V], bias.grad, atol=1e-12, rtol=1e-10)
     assert grad_weight[V:].abs().max() == 0 and grad_bias[V:].abs().max() == 0
     assert hidden.grad.abs().max() > 1e-3 and weight.grad.abs().max() > 1e-3
+
+
+def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16_gradients(ranks):
+    from sdft_utils.losses import chunked_token_divergence
+
+    world_size, results = ranks
+    width = shard_width(world_size, "hidden")
+    inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in make_inputs(0, width * world_size).items()}
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"][:V].clone().requires_grad_()
+    expected = chunked_token_divergence(hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"][:V],
+                                        inputs["ids"], alpha=0.5, mode="topk", top_k=K)
+    expected.loss.sum().backward()
+    for result in results:
+        assert result["bf16"]["loss"].dtype == torch.float32
+        assert result["bf16"]["grad_hidden"].dtype == result["bf16"]["grad_weight"].dtype == torch.bfloat16
+        torch.testing.assert_close(result["bf16"]["loss"], expected.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result["bf16"]["grad_hidden"], hidden.grad, atol=1e-2, rtol=1e-2)
+    grad_weight = torch.cat([r["bf16"]["grad_weight"] for r in results])
+    torch.testing.assert_close(grad_weight[:V], weight.grad, atol=1e-2, rtol=1e-2)

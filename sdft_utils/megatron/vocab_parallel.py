@@ -191,10 +191,11 @@ class _VocabParallelDivergence(torch.autograd.Function):
         width = s_input.shape[-1] if s_weight is None else s_weight.shape[0]
         start, end = vocab_shard_range(width, options[-1], group)
         ctx.start, ctx.valid = start, end - start
+        s_weight_c, s_bias_c, t_weight_c, t_bias_c = _valid_heads(ctx.valid, s_weight, s_bias, t_weight, t_bias)
         outputs = []
         for rows in _chunks(s_input.shape[0], chunk_size):
-            s_logits = _logits(s_input[rows], s_weight, s_bias)[:, :ctx.valid]
-            t_logits = _logits(t_input[rows], t_weight, t_bias)[:, :ctx.valid]
+            s_logits = _logits(s_input[rows], s_weight_c, s_bias_c, ctx.valid)
+            t_logits = _logits(t_input[rows], t_weight_c, t_bias_c, ctx.valid)
             outputs.append(_chunk_forward(s_logits, t_logits, ids[rows], options, start, group))
         loss, s_token, t_token, entropy = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         ctx.mark_non_differentiable(s_token, t_token, entropy)
@@ -207,17 +208,17 @@ class _VocabParallelDivergence(torch.autograd.Function):
         grad_input = torch.zeros_like(s_input) if need_input else None
         grad_weight = torch.zeros_like(s_weight, dtype=_compute_dtype(s_weight.dtype)) if need_weight else None
         grad_bias = torch.zeros_like(s_bias, dtype=_compute_dtype(s_bias.dtype)) if need_bias else None
+        s_weight_c, s_bias_c, t_weight_c, t_bias_c = _valid_heads(ctx.valid, s_weight, s_bias, t_weight, t_bias)
         for rows in _chunks(s_input.shape[0], ctx.chunk_size):
-            s_logits = _logits(s_input[rows], s_weight, s_bias)[:, :ctx.valid]
-            t_logits = _logits(t_input[rows], t_weight, t_bias)[:, :ctx.valid]
+            s_logits = _logits(s_input[rows], s_weight_c, s_bias_c, ctx.valid)
+            t_logits = _logits(t_input[rows], t_weight_c, t_bias_c, ctx.valid)
             dz = _chunk_grad_logits(s_logits, t_logits, ids[rows], grad_loss[rows], ctx.options, ctx.start, ctx.group)
             if s_weight is None:
                 if need_input:
                     grad_input[rows, :ctx.valid] = dz.to(s_input.dtype)  # padded columns get zero gradient
                 continue
-            weight = s_weight[:ctx.valid].to(dz.dtype)
             if need_input:
-                grad_input[rows] = (dz @ weight).to(s_input.dtype)
+                grad_input[rows] = (dz @ s_weight_c).to(s_input.dtype)
             if need_weight:
                 grad_weight[:ctx.valid].addmm_(dz.T, s_input[rows].to(dz.dtype))
             if need_bias:
@@ -236,11 +237,16 @@ def _chunks(n: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, n, chunk_size)]
 
 
-def _logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+def _valid_heads(valid: int, *tensors: Tensor | None) -> list[Tensor | None]:
+    """The heads' real-vocabulary rows in the compute dtype, converted once per pass (not once per chunk)."""
+    return [None if t is None else t[:valid].to(_compute_dtype(t.dtype)) for t in tensors]
+
+
+def _logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None, valid: int) -> Tensor:
+    """One chunk's logits over this rank's real-vocabulary columns (a logits-shard input is just sliced)."""
     if weight is None:
-        return inputs
-    dtype = _compute_dtype(inputs.dtype)
-    return F.linear(inputs.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        return inputs[:, :valid]
+    return F.linear(inputs.to(weight.dtype), weight, bias)
 
 
 def _check_shapes(student: Tensor, teacher: Tensor, ids: Tensor, vocab_size: int, width: int,
