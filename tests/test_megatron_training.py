@@ -172,7 +172,7 @@ def data_parallel_worker(rank: int, world_size: int, model_dir) -> dict:
                            vocab_parallel_token_divergence, b, vocab_size=layout.vocab_size,
                            group=tensor_parallel_group())
     loss.backward()
-    finalize_grads(student)
+    finalize_grads(student, bucket_bytes=64 << 10)  # several all-reduce buckets
     return {"data": (data_rank, data_world), "grads": {n: p.grad.clone() for n, p in student.named_parameters()},
             "norm": clip_grad_norm_(student, 0.0)}
 

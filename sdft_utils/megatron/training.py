@@ -148,7 +148,7 @@ def _is_sharded(name: str) -> bool:
     return "layernorm" not in name
 
 
-def finalize_grads(model: nn.Module) -> None:
+def finalize_grads(model: nn.Module, bucket_bytes: int = 256 << 20) -> None:
     """After backward: sum the gradients of Qwen3's q/k norms over the TP group (each rank saw only its heads; the
     other replicated parameters already get complete gradients because their inputs' gradients were all-reduced),
     then average every gradient over the data-parallel group."""
@@ -162,11 +162,17 @@ def finalize_grads(model: nn.Module) -> None:
     dp_group = parallel_state.get_data_parallel_group()
     dp_size = dist.get_world_size(dp_group)
     if dp_size > 1:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(dp_size)
-        dist.all_reduce(flat, group=dp_group)
-        for grad, synced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            grad.copy_(synced.view_as(grad))
+        bucket, size = [], 0
+        for grad in [p.grad for p in model.parameters() if p.grad is not None] + [None]:
+            if grad is not None:
+                bucket.append(grad)
+                size += grad.numel() * grad.element_size()
+            if bucket and (grad is None or size >= bucket_bytes):  # one all-reduce per ~bucket_bytes of gradients
+                flat = torch.cat([g.reshape(-1) for g in bucket]).div_(dp_size)
+                dist.all_reduce(flat, group=dp_group)
+                for synced_grad, synced in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                    synced_grad.copy_(synced.view_as(synced_grad))
+                bucket, size = [], 0
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
@@ -174,19 +180,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
     scaled in place when it exceeds `max_norm` (max_norm <= 0: only measure)."""
     from megatron.core import parallel_state
 
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
     params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    for name, param in params:
-        square = param.grad.detach().double().square().sum().cpu()
-        if _is_sharded(name):
-            sharded += square
-        else:
-            replicated += square
     device = params[0][1].grad.device if params else torch.device("cpu")
-    sharded = sharded.to(device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sharded, replicated] sums of squares, on device
+    for name, param in params:
+        sums[0 if _is_sharded(name) else 1] += param.grad.detach().double().square().sum()
+    sharded = sums[0].clone()
     dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
-    norm = float((sharded.cpu() + replicated).sqrt())
+    norm = float((sharded + sums[1]).sqrt())
     if max_norm > 0 and norm > max_norm:
         for _, param in params:
             param.grad.mul_(max_norm / (norm + 1e-6))
