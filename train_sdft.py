@@ -25,7 +25,7 @@ Run:
   accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
   sbatch slurm/sdft.sbatch                                    # multi-node (edit the variables at its top)
   torchrun --nproc-per-node 8 train_sdft.py --backend megatron --tensor_model_parallel_size 8 --model /models/M ...
-  SCRIPT=train_sdft.py sbatch slurm/megatron.sbatch                # Megatron-core TP within nodes, data parallel across
+  SCRIPT=train_sdft.py sbatch slurm/megatron.sbatch           # Megatron-core TP within nodes, data parallel across
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Run:
   accelerate launch --config_file accelerate_configs/zero3.yaml train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
   sbatch slurm/sdpo.sbatch                                    # multi-node, optional vLLM server node
   torchrun --nproc-per-node 8 train_sdpo.py --backend megatron --tensor_model_parallel_size 8 --model /models/M ...
-  SCRIPT=train_sdpo.py sbatch slurm/megatron.sbatch                # Megatron-core TP within nodes, data parallel across
+  SCRIPT=train_sdpo.py sbatch slurm/megatron.sbatch           # Megatron-core TP within nodes, data parallel across
 """
 
 from __future__ import annotations
