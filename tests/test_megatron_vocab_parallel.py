@@ -187,3 +187,38 @@ def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16_gradients(ranks)
         torch.testing.assert_close(result["bf16"]["grad_hidden"], hidden.grad, atol=1e-2, rtol=1e-2)
     grad_weight = torch.cat([r["bf16"]["grad_weight"] for r in results])
     torch.testing.assert_close(grad_weight[:V], weight.grad, atol=1e-2, rtol=1e-2)
+
+
+def memory_worker(rank: int, world_size: int) -> dict:
+    """Peak and largest live tensor bytes of forward + backward on this rank's shard, for 256 and 512 tokens."""
+    from sdft_utils.testing import LiveTensorBytes
+
+    vocab, hidden, chunk = 4096, 4, 16
+    width = vocab // world_size
+    out = {}
+    for mode in ("full", "topk"):
+        for n in (256, 512):
+            g = torch.Generator().manual_seed(n)
+            student_hidden = torch.randn(n, hidden, generator=g).requires_grad_()
+            weight = torch.randn(vocab, hidden, generator=g)[rank * width:(rank + 1) * width].clone().requires_grad_()
+            teacher_hidden = torch.randn(n, hidden, generator=g)
+            ids = torch.randint(0, vocab, (n,), generator=g)
+            with LiveTensorBytes() as tracker:
+                vocab_parallel_token_divergence(student_hidden, weight, teacher_hidden, weight.detach(), ids,
+                                                vocab_size=vocab, alpha=0.5, mode=mode, top_k=64,
+                                                chunk_size=chunk).loss.sum().backward()
+            out[mode, n] = (tracker.peak, tracker.largest)
+    return out
+
+
+def test_memory_is_bounded_by_the_chunk_and_the_shard_not_the_tokens(tmp_path):
+    world_size, vocab, hidden, chunk = 2, 4096, 4, 16
+    chunk_bytes = chunk * (vocab // world_size) * 4  # one chunk's float32 logits shard
+    for rank_result in run_ranks(memory_worker, world_size, tmp_path):
+        for mode in ("full", "topk"):
+            (peak_256, largest_256), (peak_512, largest_512) = rank_result[mode, 256], rank_result[mode, 512]
+            # the biggest single tensor is a chunk's student and teacher log-probs read together (the tracker does
+            # see the chunk's logits shard)
+            assert chunk_bytes <= max(largest_256, largest_512) <= 2 * chunk_bytes
+            assert peak_512 < 10 * chunk_bytes + 2 * (vocab // world_size) * hidden * 4
+            assert peak_512 - peak_256 < chunk_bytes / 4, mode  # doubling the tokens does not grow the peak
