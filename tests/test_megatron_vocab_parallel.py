@@ -221,4 +221,5 @@ def test_memory_is_bounded_by_the_chunk_and_the_shard_not_the_tokens(tmp_path):
             # see the chunk's logits shard)
             assert chunk_bytes <= max(largest_256, largest_512) <= 2 * chunk_bytes
             assert peak_512 < 10 * chunk_bytes + 2 * (vocab // world_size) * hidden * 4
-            assert peak_512 - peak_256 < chunk_bytes / 4, mode  # doubling the tokens does not grow the peak
+            # doubling the tokens does not grow the peak (keeping N x V_local values would add 16 chunks here)
+            assert peak_512 - peak_256 < chunk_bytes / 2, mode
