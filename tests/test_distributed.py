@@ -2,7 +2,7 @@
 
 `accelerate launch --config_file accelerate_configs/X.yaml --num_processes 2` runs the same code users run on GPUs
 (DDP, DeepSpeed ZeRO-2/3, FSDP2). With the same global batch, losses, trained weights and the EMA teacher must match
-a single-process run, and a run killed with SIGKILL must resume exactly. The first DeepSpeed start compiles a
+a single-process run, across a checkpoint and resume, and a run killed with SIGKILL must resume exactly. The first DeepSpeed start compiles a
 communication op (about 50 s, cached afterwards).
 """
 
@@ -129,10 +129,13 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("script", list(FLAGS))
-def test_two_processes_match_one_process(workdir, references, script, config):
+def test_two_processes_match_one_process_and_resume(workdir, references, script, config):
+    """Step 1 in one launch, step 2 resumed from its checkpoint in a second: both equal the one-process run."""
     root, model_dir = workdir
     out = root / f"{config}_{script}"
-    launch(script, config, *FLAGS[script](model_dir, root), "--max_steps", 2, "--output_dir", out)
+    launch(script, config, *FLAGS[script](model_dir, root), "--max_steps", 1, "--output_dir", out)
+    launch(script, config, *FLAGS[script](model_dir, root), "--max_steps", 2, "--output_dir", out,
+           "--resume_from_checkpoint", "latest")
 
     reference = references[script]
     expected_losses = train_losses(reference)
