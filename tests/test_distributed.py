@@ -56,7 +56,7 @@ def sdft_flags(model_dir: Path, data_dir: Path) -> list:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return ["--model", model_dir, "--dataset", data, "--prompts_per_step", 4, "--per_device_batch_size", 1,
             "--max_completion_length", 8, "--max_prompt_length", 48, "--learning_rate", 1e-3, "--ema_rate", 0.1,
-            "--gradient_checkpointing", "false", "--lr_scheduler", "constant_with_warmup", "--warmup_ratio", 0.0,
+            "--gradient_checkpointing", "true", "--lr_scheduler", "constant_with_warmup", "--warmup_ratio", 0.0,
             "--num_loss_tokens_to_skip", 1, "--save_steps", 1, "--save_total_limit", "none"]
 
 
