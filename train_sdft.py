@@ -45,7 +45,7 @@ from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import load_sdft_dataset, step_indices
+from sdft_utils.data import load_sdft_dataset, process_positions, step_indices
 from sdft_utils.distributed import (
     gathered_output_head,
     make_accelerator,
@@ -234,7 +234,6 @@ def main() -> None:
             f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} must split evenly "
             f"over {world} processes and then into micro-batches of --per_device_batch_size "
             f"{args.per_device_batch_size}.")
-    prompts_per_process = args.prompts_per_step // world
     accumulation_steps = sequences_per_step // world // args.per_device_batch_size
     accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
                                    tracker_for(args.report_to), str(output_dir))
@@ -306,8 +305,8 @@ def main() -> None:
     warned_about_truncation = False
     for step in progress_bar:
         step_start = time.perf_counter()
-        examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed,
-                                                     data_rank, prompts_per_process)]
+        positions = process_positions(args.prompts_per_step, world, data_rank)
+        examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed, positions)]
         student_prompts, student_truncated = tokenize_chat_prompts(
             tokenizer, [example.prompt for example in examples], args.max_prompt_length)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
@@ -320,8 +319,7 @@ def main() -> None:
 
         # 1. on-policy samples: the student sees the prompt alone
         # per-prompt seeds: the same samples whether the step runs on 1 process or N
-        rollouts = rollout.generate(student_prompts, sampling, prompt_seeds(
-            args.seed, step, data_rank * prompts_per_process, len(student_prompts)))
+        rollouts = rollout.generate(student_prompts, sampling, prompt_seeds(args.seed, step, positions))
         repeat = args.num_generations
         student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]

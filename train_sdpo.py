@@ -51,7 +51,7 @@ from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import step_indices
+from sdft_utils.data import process_positions, step_indices
 from sdft_utils.distributed import (
     gathered_output_head,
     make_accelerator,
@@ -305,14 +305,14 @@ def main() -> None:
                         disable=not accelerator.is_local_main_process, desc="sdpo")
     for step in progress_bar:
         step_start = time.perf_counter()
-        batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.questions_per_step, args.seed,
-                                                      data_rank, questions_per_process)]
+        # this process's share of every mini-batch: an optimizer step sees the same questions on 1 or N processes
+        positions = process_positions(args.questions_per_step, world, data_rank, args.mini_batches)
+        batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.questions_per_step, args.seed, positions)]
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
         # per-question seeds: the same samples whether the step runs on 1 process or N
-        rollouts = rollout.generate(prompt_ids, sampling, prompt_seeds(
-            args.seed, step, data_rank * questions_per_process, len(prompt_ids)))
+        rollouts = rollout.generate(prompt_ids, sampling, prompt_seeds(args.seed, step, positions))
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         verdicts = [score(task, text) for task, text in zip([t for t in batch_tasks for _ in range(group)], texts,
                                                              strict=True)]

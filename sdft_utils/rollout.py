@@ -46,9 +46,10 @@ def _splitmix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def prompt_seeds(seed: int, step: int, first_index: int, count: int) -> list[int]:
-    """One sampling seed per prompt of a step, from the prompt's position in the step's *global* batch."""
-    return [_splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ (first_index + i)) >> 1 for i in range(count)]
+def prompt_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
+    """One sampling seed per prompt, from the run's seed, the step and the prompt's position in the step's global
+    batch (`data.process_positions`)."""
+    return [_splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ position) >> 1 for position in positions]
 
 
 def _to_signed(value: int) -> int:
