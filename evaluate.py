@@ -59,6 +59,8 @@ class Args:
     tasks: list[str] = arg(["arc_easy", "arc_challenge", "sciq", "mmlu", "gsm8k"],
                            "held-out task files (new task) and prior-capability benchmarks: "
                            + ", ".join(PRIOR_BENCHMARKS) + " (mmlu:SUBJECT for one subject)", "evaluate")
+    prior_files: list[str] = arg([], "files of questions the base model already handles (like --tasks files), counted "
+                                     "as prior capabilities instead of the new task", "evaluate")
     verifier: str = arg("auto", "scoring of task files: auto = `answers` column -> contained in the completion, "
                                 "else the row's `verifier` column or math", "evaluate",
                         ["auto", "contains", *sorted(VERIFIERS)])
@@ -92,6 +94,8 @@ class Args:
 
 def check_args(args: Args) -> None:
     problems = []
+    if not args.tasks and not args.prior_files and args.model:
+        problems.append("--tasks (or --prior_files) names nothing to evaluate")
     if not args.model and not args.plot:
         problems.append("--model is required (one or more checkpoints), unless you only --plot a run")
     if args.temperature < 0:
@@ -119,18 +123,18 @@ def check_args(args: Args) -> None:
 def load_benchmarks(args: Args) -> list[Benchmark]:
     """Every benchmark read and checked before any model loads; files are the new task, names prior capabilities."""
     benchmarks = []
-    for spec in args.tasks:
-        if is_prior_benchmark(spec) and not Path(spec).exists():
+    for spec, kind in [*((spec, NEW_TASK) for spec in args.tasks), *((spec, PRIOR) for spec in args.prior_files)]:
+        if kind == NEW_TASK and is_prior_benchmark(spec) and not Path(spec).exists():
             benchmarks.append(Benchmark(spec, PRIOR, load_prior_benchmark(spec, args.limit, args.seed)))
         else:
             tasks = load_task_file(spec, args.verifier)
-            tasks = tasks[:args.limit] if args.limit else tasks  # held-out files are small and already shuffled
-            benchmarks.append(Benchmark(spec, NEW_TASK, tasks))
+            tasks = tasks[:args.limit] if args.limit else tasks  # the first N rows: files are small and in order
+            benchmarks.append(Benchmark(spec, kind, tasks))
     names = [benchmark.name for benchmark in benchmarks]
     if len(set(names)) != len(names):
         raise UserInputError(f"--tasks names a benchmark twice: {names}.")
     for benchmark, label in zip(benchmarks, model_labels(names), strict=True):  # short names: heldout, sums/heldout
-        if benchmark.kind == NEW_TASK:
+        if Path(benchmark.name).exists():
             benchmark.name = label.removesuffix(Path(label).suffix)
     return benchmarks
 
