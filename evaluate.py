@@ -82,7 +82,7 @@ class Args:
                      ["auto", "bfloat16", "float16", "float32"])
     attn_implementation: str | None = arg(None, "HF attention kernel (sdpa, flash_attention_2, eager)", "engine")
     vllm_gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take", "engine")
-    vllm_max_model_len: int | None = arg(None, "vLLM context length; None = max_prompt_length + max_new_tokens",
+    vllm_max_model_len: int | None = arg(None, "vLLM context length; None = the model's own maximum",
                                          "engine")
     vllm_tensor_parallel_size: int = arg(1, "vLLM: GPUs per engine", "engine")
     # outputs
@@ -154,7 +154,7 @@ def main() -> None:
     engine_options = dict(rollout=args.rollout, dtype=resolve_dtype(args.dtype), batch_size=args.batch_size,
                           attn_implementation=args.attn_implementation,
                           vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                          vllm_max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_new_tokens,
+                          vllm_max_model_len=args.vllm_max_model_len,
                           vllm_tensor_parallel_size=args.vllm_tensor_parallel_size, seed=args.seed)
     print(f"evaluating {len(args.model)} model(s) on {', '.join(f'{b.name} ({len(b.tasks)})' for b in benchmarks)}")
 

