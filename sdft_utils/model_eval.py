@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -85,7 +85,7 @@ def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig
 
 def evaluate_model(model_path: str, benchmarks: list[Benchmark], sampling: SamplingConfig, pass_k: list[int],
                    max_prompt_length: int, engine_options: dict[str, Any],
-                   completions_file=None, label: str | None = None) -> dict[str, Any]:
+                   completions_file: TextIO | None = None, label: str | None = None) -> dict[str, Any]:
     """{benchmark: {accuracy, pass@k..., questions}} for one model, plus its wall time; completions go to
     `completions_file` (an open text file) as JSON lines when given."""
     start = time.perf_counter()
