@@ -1,6 +1,7 @@
 """evaluate.py end to end on tiny random Llamas (two checkpoints side by side), and its report arithmetic."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,9 @@ def test_vllm_engine_gives_the_same_greedy_report(two_models_report, monkeypatch
                         "--output_dir", root / "vllm_report")
     report = json.loads((root / "vllm_report" / "report.json").read_text())
     assert report["models"]["base"]["benchmarks"]["heldout"]["accuracy"] == 0.5  # as HF generate scored it
+
+
+def test_every_evaluate_flag_is_documented_in_the_readme():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [name for name in evaluate.Args.__dataclass_fields__ if f"`--{name}`" not in readme]
+    assert not missing, f"evaluate.py flags missing from README.md: {missing}"
