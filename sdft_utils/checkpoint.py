@@ -109,8 +109,11 @@ def point_to_best(output_dir: str | Path, best: dict[str, Any]) -> None:
     target = f"checkpoint-{best['step']}"
     staging = output_dir / f".{BEST_LINK}.tmp"
     staging.unlink(missing_ok=True)
-    staging.symlink_to(target, target_is_directory=True)  # relative: the run folder can be moved or copied
-    os.replace(staging, output_dir / BEST_LINK)
+    try:
+        staging.symlink_to(target, target_is_directory=True)  # relative: the run folder can be moved or copied
+        os.replace(staging, output_dir / BEST_LINK)
+    except OSError:  # a file system without symlinks: best.json alone names the checkpoint
+        pass
     info = output_dir / f".{BEST_FILE}.tmp"
     info.write_text(json.dumps({**best, "checkpoint": target}, indent=2) + "\n")
     os.replace(info, output_dir / BEST_FILE)
