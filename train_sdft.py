@@ -43,7 +43,13 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import load_sdft_dataset, process_positions, step_indices
 from sdft_utils.distributed import (
@@ -73,6 +79,7 @@ from sdft_utils.modeling import (
     load_tokenizer,
     resolve_dtype,
 )
+from sdft_utils.plots import plot_after_training
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
 from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import (
@@ -189,6 +196,10 @@ class Args:
     eval_datasets: list[str] = arg([], "files with prompt + answers; greedy accuracy printed before and after "
                                        "training", "evaluation")
     eval_max_new_tokens: int = arg(48, "maximum new tokens per evaluation answer", "evaluation")
+    eval_every: int = arg(0, "also evaluate every N steps and at the end, and keep the best checkpoint "
+                             "(OUTPUT_DIR/best); 0 = before and after training only", "evaluation")
+    eval_metric: str | None = arg(None, "metric that picks the best checkpoint (higher is better), e.g. "
+                                        "eval/heldout_accuracy; None = the first evaluation set's", "evaluation")
 
 
 def check_args(args: Args) -> None:
@@ -222,6 +233,9 @@ def main() -> None:
                                 teacher_prompt_column=args.teacher_prompt_column, teacher_template=template,
                                 split=args.dataset_split)
     eval_sets = {eval_set_name(path): load_eval_set(path) for path in args.eval_datasets}
+    best_metric = choose_eval_metric(args.eval_metric, [f"eval/{name}_accuracy" for name in eval_sets],
+                                     args.eval_every)
+    best = BestCheckpoint(best_metric) if best_metric else None
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
@@ -276,8 +290,11 @@ def main() -> None:
 
     start_step = 0
     if resume_path is not None:
-        start_step = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
-                      else load_checkpoint(accelerator, resume_path, teacher_state))["step"]
+        progress = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
+                    else load_checkpoint(accelerator, resume_path, teacher_state))
+        start_step = progress["step"]
+        if best:
+            best.restore(progress)
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -296,6 +313,8 @@ def main() -> None:
         return results
 
     before = evaluate("before training") if eval_sets and start_step == 0 else {}
+    if before:
+        metrics_log.log(before, 0)
     accelerator.print(f"SDFT: {len(dataset)} examples, {total_steps} steps of {args.prompts_per_step} prompts "
                       f"({world} processes x {accumulation_steps} micro-batches of {args.per_device_batch_size})")
 
@@ -303,6 +322,7 @@ def main() -> None:
     progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                         disable=not accelerator.is_local_main_process, desc="sdft")
     warned_about_truncation = False
+    evaluated = {}
     for step in progress_bar:
         step_start = time.perf_counter()
         positions = process_positions(args.prompts_per_step, world, data_rank)
@@ -411,21 +431,25 @@ def main() -> None:
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }
-        metrics_log.log(metrics, step + 1)
+        eval_due = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps)
+        evaluated = evaluate(f"step {step + 1}") if eval_due else {}  # held-out split; the best is kept
+        metrics_log.log({**metrics, **evaluated}, step + 1)
         progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
-        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
+        new_best = best is not None and best.update(evaluated, step + 1)
+        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps or new_best:
+            progress = {"step": step + 1, "best": best and best.state()}
             if megatron:
                 path = megatron.save_checkpoint(output_dir, step + 1, model, teacher, optimizer, scheduler, tokenizer,
-                                                {"step": step + 1}, args.save_total_limit)
+                                                progress, args.save_total_limit)
             else:
-                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
+                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, progress,
                                        args.save_total_limit, teacher_state)
             if accelerator.is_main_process:
                 progress_bar.write(f"saved {path}")
 
     # ---------------------------------------------------------------- summary
-    after = evaluate("after training") if eval_sets else {}
-    if after:
+    after = evaluated or (evaluate("after training") if eval_sets else {})
+    if after and not evaluated:
         metrics_log.log(after, total_steps)
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -433,7 +457,12 @@ def main() -> None:
             key = f"eval/{name}_accuracy"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
             print(f"{name}: accuracy {start_text}{after[key]:.3f}")
+        if best and best.step is not None:
+            print(f"best: checkpoint-{best.step} ({best.metric} {best.value:.3f}) -> {output_dir / 'best'}")
         print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
+        plot = plot_after_training(metrics_log.path)
+        if plot:
+            print(f"plot: {plot}")
 
 
 def _as_list(value) -> list:

@@ -49,7 +49,13 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import process_positions, step_indices
 from sdft_utils.distributed import (
@@ -69,6 +75,7 @@ from sdft_utils.modeling import (
     load_tokenizer,
     resolve_dtype,
 )
+from sdft_utils.plots import plot_after_training
 from sdft_utils.policy_gradient import (
     clipped_policy_loss,
     grpo_advantages,
@@ -180,6 +187,10 @@ class Args:
     eval_temperature: float = arg(0.0, "evaluation sampling temperature (0 = greedy)", "evaluation")
     eval_samples: int = arg(1, "completions per evaluation question (the success rate averages them)", "evaluation")
     eval_max_new_tokens: int = arg(256, "maximum new tokens per evaluation answer", "evaluation")
+    eval_every: int = arg(0, "also evaluate every N steps and at the end, and keep the best checkpoint "
+                             "(OUTPUT_DIR/best); 0 = before and after training only", "evaluation")
+    eval_metric: str | None = arg(None, "metric that picks the best checkpoint (higher is better), e.g. "
+                                        "eval/heldout_success; None = the first evaluation set's", "evaluation")
 
 
 def check_args(args: Args) -> None:
@@ -213,6 +224,9 @@ def main() -> None:
                 custom_reward=reward_fn is not None)
     tasks = load_sdpo_tasks(args.dataset, split=args.dataset_split, **load)
     eval_sets = {Path(path).stem: load_sdpo_tasks(path, **load) for path in args.eval_datasets}
+    best_metric = choose_eval_metric(args.eval_metric, [f"eval/{name}_success" for name in eval_sets],
+                                     args.eval_every)
+    best = BestCheckpoint(best_metric) if best_metric else None
     score = make_scorer(reward_fn)
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,
@@ -274,8 +288,11 @@ def main() -> None:
 
     start_step = 0
     if resume_path is not None:
-        start_step = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
-                      else load_checkpoint(accelerator, resume_path, teacher_state))["step"]
+        progress = (megatron.load_checkpoint(resume_path, model, teacher, optimizer, scheduler) if megatron
+                    else load_checkpoint(accelerator, resume_path, teacher_state))
+        start_step = progress["step"]
+        if best:
+            best.restore(progress)
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -297,12 +314,15 @@ def main() -> None:
         return results
 
     before = evaluate("before training") if eval_sets and start_step == 0 else {}
+    if before:
+        metrics_log.log(before, 0)
     accelerator.print(f"SDPO: {len(tasks)} questions, {total_steps} steps of {args.questions_per_step} x {group} "
                       f"rollouts, {args.mini_batches} optimizer step(s) each")
 
     # ---------------------------------------------------------------- the loop
     progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                         disable=not accelerator.is_local_main_process, desc="sdpo")
+    evaluated = {}
     for step in progress_bar:
         step_start = time.perf_counter()
         # this process's share of every mini-batch: an optimizer step sees the same questions on 1 or N processes
@@ -418,22 +438,26 @@ def main() -> None:
             "step_seconds": seconds,
             "epoch": (step + 1) * args.questions_per_step / len(tasks),
         }
-        metrics_log.log(metrics, step + 1)
+        eval_due = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps)
+        evaluated = evaluate(f"step {step + 1}") if eval_due else {}  # held-out split; the best is kept
+        metrics_log.log({**metrics, **evaluated}, step + 1)
         progress_bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}",
                                  reprompted=f"{reprompt_stats['reprompt_sample_fraction']:.2f}")
-        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
+        new_best = best is not None and best.update(evaluated, step + 1)
+        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps or new_best:
+            progress = {"step": step + 1, "best": best and best.state()}
             if megatron:
                 path = megatron.save_checkpoint(output_dir, step + 1, model, teacher, optimizer, scheduler, tokenizer,
-                                                {"step": step + 1}, args.save_total_limit)
+                                                progress, args.save_total_limit)
             else:
-                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
+                path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, progress,
                                        args.save_total_limit, teacher_state)
             if accelerator.is_main_process:
                 progress_bar.write(f"saved {path}")
 
     # ---------------------------------------------------------------- summary
-    after = evaluate("after training") if eval_sets else {}
-    if after:
+    after = evaluated or (evaluate("after training") if eval_sets else {})
+    if after and not evaluated:
         metrics_log.log(after, total_steps)
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -441,7 +465,12 @@ def main() -> None:
             key = f"eval/{name}_success"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
             print(f"{name}: {eval_kind} success rate {start_text}{after[key]:.3f}")
+        if best and best.step is not None:
+            print(f"best: checkpoint-{best.step} ({best.metric} {best.value:.3f}) -> {output_dir / 'best'}")
         print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
+        plot = plot_after_training(metrics_log.path)
+        if plot:
+            print(f"plot: {plot}")
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ def check_megatron_args(args) -> None:
             args.rollout == "vllm" and args.vllm_mode == "colocate",
         "--check_weight_sync": getattr(args, "check_weight_sync", False),
         "--eval_datasets": bool(args.eval_datasets),
+        "--eval_every": getattr(args, "eval_every", 0) > 0,
         "--teacher_kind trust_region": args.teacher_kind == "trust_region",
         "--grpo_lambda > 0": getattr(args, "grpo_lambda", 0) > 0,
         "--mini_batches > 1": getattr(args, "mini_batches", 1) > 1,
