@@ -47,6 +47,7 @@ from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import load_sdft_dataset, step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
+from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
 from sdft_utils.losses import (
     IS_MODES,
     chunked_token_divergence,
@@ -64,6 +65,7 @@ from sdft_utils.modeling import (
     load_tokenizer,
     output_head,
     resolve_dtype,
+    trainable_parameters,
 )
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
 from sdft_utils.rollout import SamplingConfig
@@ -152,6 +154,18 @@ class Args:
                           "teacher")
     teacher_model: str | None = arg(None, "start the teacher from this checkpoint instead of --model", "teacher")
     teacher_fp32: bool = arg(False, "keep the teacher in float32 (the authors' teacher is bf16)", "teacher")
+    # LoRA (peft)
+    use_peft: bool = arg(False, "train a LoRA adapter instead of the full model; every teacher kind shares the one copy "
+                                "of the base weights", "peft")
+    lora_r: int = arg(16, "LoRA rank", "peft")
+    lora_alpha: int = arg(32, "LoRA scale: the update is (lora_alpha / lora_r) * B @ A", "peft")
+    lora_dropout: float = arg(0.0, "dropout on the adapter input, student forward only (teachers and rollouts run "
+                                   "without)", "peft")
+    lora_target_modules: list[str] = arg(DEFAULT_TARGET_MODULES, "modules that get an adapter (Llama/Qwen attention "
+                                                                 "and MLP projections); all-linear = every linear "
+                                                                 "layer but the head", "peft")
+    merge_adapter_at_end: bool = arg(False, "after training, also write OUTPUT_DIR/merged_model: the base model with the "
+                                            "adapter merged in (loads without peft)", "peft")
     # optimization
     learning_rate: float = arg(2e-5, "AdamW learning rate", "optimization")
     lr_scheduler: str = arg("cosine", "learning-rate schedule", "optimization",
@@ -223,6 +237,7 @@ def main() -> None:
     accumulation_steps = sequences_per_step // world // args.per_device_batch_size
     accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, log_with=tracker_for(args.report_to),
                               project_dir=str(output_dir))
+    check_peft_args(args, accelerator)  # LoRA combinations that cannot work, before any model loads
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(dataset) / args.prompts_per_step)
     set_seed(args.seed)
@@ -234,10 +249,13 @@ def main() -> None:
     model = load_model(model_path, dtype, args.attn_implementation)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_peft:  # LoRA: the teacher below becomes a view of this one model (sdft_utils/lora.py)
+        model = add_lora(model, args, accelerator)
+        accelerator.print(lora_summary(model))
     teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
                            torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
     eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the schedule counts optimizer steps; it is not prepared, because accelerate would step it once per process
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -389,6 +407,10 @@ def main() -> None:
             path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
                                    args.save_total_limit)
             progress_bar.write(f"saved {path}")
+
+    if args.merge_adapter_at_end:  # LoRA: also a plain Hugging Face folder with the adapter merged in
+        merged_path = save_merged_model(accelerator, model, tokenizer, output_dir / "merged_model")
+        accelerator.print(f"merged model: {merged_path}")
 
     # ---------------------------------------------------------------- summary
     after = evaluate("after training") if eval_sets else {}
