@@ -22,8 +22,8 @@ Run:
   python train_sdft.py                                        # embedded default: SmolLM2-135M on bundled facts
   python train_sdft.py --model Qwen/Qwen2.5-7B-Instruct --dataset data.jsonl --output_dir outputs/run1
   python train_sdft.py --config recipes/sdft_tooluse.yaml     # the paper's recipe (needs a GPU)
-  accelerate launch --num_processes 8 train_sdft.py --config recipes/sdft_science.yaml
-  (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
+  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
+  sbatch slurm/sdft.sbatch                                    # multi-node (edit the variables at its top)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -45,6 +44,13 @@ from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import load_sdft_dataset, step_indices
+from sdft_utils.distributed import (
+    gathered_output_head,
+    make_accelerator,
+    prepare_teacher,
+    run_with_output_head,
+    start_processes,
+)
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
 from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
@@ -63,7 +69,6 @@ from sdft_utils.modeling import (
     completion_hidden_states,
     load_model,
     load_tokenizer,
-    output_head,
     resolve_dtype,
     trainable_parameters,
 )
@@ -226,7 +231,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
-    world = PartialState().num_processes
+    world = start_processes().num_processes
     sequences_per_step = args.prompts_per_step * args.num_generations
     if args.prompts_per_step % world or (sequences_per_step // world) % args.per_device_batch_size:
         raise UserInputError(
@@ -235,8 +240,8 @@ def main() -> None:
             f"{args.per_device_batch_size}.")
     prompts_per_process = args.prompts_per_step // world
     accumulation_steps = sequences_per_step // world // args.per_device_batch_size
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, log_with=tracker_for(args.report_to),
-                              project_dir=str(output_dir))
+    accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
+                                   tracker_for(args.report_to), str(output_dir))
     check_peft_args(args, accelerator)  # LoRA combinations that cannot work, before any model loads
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(dataset) / args.prompts_per_step)
@@ -260,18 +265,16 @@ def main() -> None:
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if teacher is not accelerator.unwrap_model(model):
-        teacher.to(accelerator.device)
+    teacher = prepare_teacher(teacher, model, accelerator)  # sharded like the student under ZeRO-3 / FSDP2
     accelerator.register_for_checkpointing(scheduler)
-    if args.teacher_kind == "ema":
-        accelerator.register_for_checkpointing(teacher)
+    teacher_state = teacher if args.teacher_kind == "ema" else None  # what checkpoints must carry of the teacher
     rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations)
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        start_step = load_checkpoint(accelerator, resume_path, teacher_state)["step"]
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -338,13 +341,13 @@ def main() -> None:
                 with torch.no_grad():
                     teacher_hidden = completion_hidden_states(teacher, batch.teacher_input_ids,
                                                               batch.teacher_attention_mask, width)
-                student_weight, student_bias = output_head(model)
-                teacher_weight, teacher_bias = output_head(teacher)
-                divergence = chunked_token_divergence(
+                teacher_weight, teacher_bias = gathered_output_head(teacher)
+                # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
+                divergence = run_with_output_head(model, lambda student_weight, student_bias: chunked_token_divergence(
                     student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
                     batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
                     alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                    temperature=args.temperature, chunk_size=args.loss_chunk_size))
                 per_token = scatter_rows(divergence, scored)
                 loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask, args.top_entropy_quantile)
                 is_weights, stats = importance_weights(per_token["student_logprobs"], batch.rollout_logprobs,
@@ -405,8 +408,9 @@ def main() -> None:
         progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
         if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
             path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                   args.save_total_limit)
-            progress_bar.write(f"saved {path}")
+                                   args.save_total_limit, teacher_state)
+            if accelerator.is_main_process:
+                progress_bar.write(f"saved {path}")
 
     if args.merge_adapter_at_end:  # LoRA: also a plain Hugging Face folder with the adapter merged in
         merged_path = save_merged_model(accelerator, model, tokenizer, output_dir / "merged_model")

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -51,6 +51,7 @@ from sdft_utils.batching import build_distill_batch
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import step_indices
+from sdft_utils.distributed import start_processes
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
 from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
@@ -221,7 +222,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
-    world = PartialState().num_processes
+    world = start_processes().num_processes
     group = args.num_generations
     if args.questions_per_step % (world * args.mini_batches) or \
             (args.questions_per_step // world // args.mini_batches * group) % args.per_device_batch_size:

@@ -2,7 +2,9 @@
 
 Layout of `OUTPUT_DIR/checkpoint-STEP/`:
 - a Hugging Face model folder (config, weights, tokenizer): `from_pretrained` loads it as it is;
-- `trainer_state/`: accelerate's state (model, optimizer, scheduler, teacher, RNG of every process), sharding-aware;
+- `trainer_state/`: accelerate's state (model, optimizer, scheduler, RNG of every process), sharding-aware;
+- `teacher/`: the EMA teacher as each process holds it (`rank0.pt` when replicated, one file per rank when
+  sharded under ZeRO-3/FSDP2, so saving it never gathers the model);
 - `progress.json`: the step the run reached, written last.
 
 Everything is written to `checkpoint-STEP.tmp` first and renamed when complete, so a folder named
@@ -17,8 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from torch import nn
 
+from sdft_utils.distributed import holds_shards, local_parameters
 from sdft_utils.errors import UserInputError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -52,8 +57,10 @@ def resolve_resume_path(value: str | None, output_dir: str | Path) -> Path | Non
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, model, tokenizer,
-                    progress: dict[str, Any], keep_last: int | None) -> Path:
-    """Write checkpoint-STEP atomically; every process must call this (sharded states are saved collectively)."""
+                    progress: dict[str, Any], keep_last: int | None, teacher: nn.Module | None = None) -> Path:
+    """Write checkpoint-STEP atomically; every process must call this (sharded states are saved collectively).
+
+    `teacher`: a teacher with its own state (EMA) to save; None when it can be rebuilt (frozen, live)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f"checkpoint-{step}.tmp"
@@ -63,6 +70,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(staging / "trainer_state"))
+    if teacher is not None:
+        _save_teacher(accelerator, teacher, staging / "teacher")
     state_dict = accelerator.get_state_dict(model)  # gathers shards under ZeRO-3 / FSDP
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
@@ -78,8 +87,38 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(accelerator: Accelerator, path: str | Path, teacher: nn.Module | None = None) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote into the prepared objects; returns the saved progress."""
     path = Path(path)
     accelerator.load_state(str(path / "trainer_state"))
+    if teacher is not None:
+        _load_teacher(accelerator, teacher, path / "teacher")
     return json.loads((path / "progress.json").read_text())
+
+
+def _teacher_file(accelerator: Accelerator, teacher: nn.Module, folder: Path) -> Path | None:
+    """This process's file: its own shard when sharded, else the one copy written by the main process."""
+    if holds_shards(teacher):
+        return folder / f"rank{accelerator.process_index}.pt"
+    return folder / "rank0.pt" if accelerator.is_main_process else None
+
+
+def _save_teacher(accelerator: Accelerator, teacher: nn.Module, folder: Path) -> None:
+    file = _teacher_file(accelerator, teacher, folder)
+    if file is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({name: tensor.detach().cpu() for name, tensor in local_parameters(teacher).items()}, file)
+
+
+@torch.no_grad()
+def _load_teacher(accelerator: Accelerator, teacher: nn.Module, folder: Path) -> None:
+    file = folder / (f"rank{accelerator.process_index}.pt" if holds_shards(teacher) else "rank0.pt")
+    if not file.is_file():
+        raise UserInputError(f"the checkpoint has no teacher state '{file}'. A sharded teacher (ZeRO-3/FSDP2) is "
+                             "saved per process: resume with the same number of processes and the same config.")
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    for name, tensor in local_parameters(teacher).items():
+        if saved[name].shape != tensor.shape:
+            raise UserInputError(f"teacher state '{file}': parameter {name} has shape {tuple(saved[name].shape)}, "
+                                 f"this process holds {tuple(tensor.shape)}. Resume with the same launch config.")
+        tensor.copy_(saved[name])

@@ -2,7 +2,7 @@
 
 - student: the adapter named "default" on the base model; only its tensors train (and only they are in the optimizer).
 - frozen teacher: the same model with its adapters switched off (`disable_adapter`), i.e. exactly the base model.
-- EMA teacher: a second adapter named "teacher" on the same base weights. It starts as a copy of the student's adapter
+- EMA teacher: a second adapter named "ema_teacher" on the same base weights. It starts as a copy of the student's adapter
   and follows it by the EMA rule, tensor by tensor (A and B separately, as TRL does: its B·A is the product of the
   averages, not the average of the products). It never requires gradients and is never in the optimizer.
 - live teacher: the student's own adapter (run in eval mode, so the teacher sees no LoRA dropout).
@@ -10,7 +10,7 @@
 - rollout engines (vLLM) receive merged weights W + scale·B·A under the base model's parameter names, computed one
   layer at a time into a new tensor: the training model is never merged in place.
 - checkpoints: `checkpoint-STEP/` holds the adapter in PEFT format (`adapter_model.safetensors`, and the EMA adapter in
-  `checkpoint-STEP/teacher/`); accelerate's `trainer_state/` keeps only the trained adapter, not the base weights.
+  `checkpoint-STEP/ema_teacher/`); accelerate's `trainer_state/` keeps only the trained adapter, not the base weights.
 
 Supported: one process, DDP and DeepSpeed ZeRO-1/2 (full parameters on every rank). Refused up front: ZeRO-3 and
 FSDP, where the adapter and base weights are sharded and the EMA adapter / merged sync would need gathering.
@@ -32,7 +32,7 @@ from torch import nn
 from sdft_utils.errors import UserInputError
 
 STUDENT_ADAPTER = "default"  # peft's name for the first adapter
-TEACHER_ADAPTER = "teacher"
+TEACHER_ADAPTER = "ema_teacher"
 # every linear layer of a Llama/Qwen/Mistral decoder block (attention and MLP); not the embeddings or the head
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # the loss multiplies hidden states with the head weight directly, and vLLM gets merged linear weights only
@@ -160,8 +160,8 @@ class AdapterTeacher(nn.Module):
 
     Scripts use it like any teacher model: `completion_hidden_states(teacher, ...)` calls its forward (the student's
     forward with the teacher's adapter switched on) and `output_head(teacher)` reads the shared head. For the EMA kind
-    `state_dict()` holds the "teacher" adapter's tensors, so `accelerator.register_for_checkpointing(teacher)` saves
-    and restores exactly that."""
+    its parameters (and `state_dict()`) are the "ema_teacher" adapter's tensors, under the student's names, so the
+    checkpoint code saves and restores exactly those; the frozen and live views own no parameters."""
 
     def __init__(self, student: nn.Module, adapter: str | None):
         super().__init__()
@@ -178,8 +178,11 @@ class AdapterTeacher(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.student.get_output_embeddings()
 
-    def parameters(self, recurse: bool = True):  # device lookups (`next(model.parameters())`) see the student's
-        return self.student.parameters(recurse)
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        if self.adapter == TEACHER_ADAPTER:
+            for name, param in self.student.named_parameters():
+                if f".{TEACHER_ADAPTER}." in f"{name}.":
+                    yield prefix + name, param
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(teacher adapter tensors, the student adapter tensors they follow), in the same order."""
@@ -193,12 +196,11 @@ class AdapterTeacher(nn.Module):
         return teacher, student
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return {name: param.detach().clone() for name, param in self.student.named_parameters()
-                if self.adapter == TEACHER_ADAPTER and f".{TEACHER_ADAPTER}." in f"{name}."}
+        return {name: param.detach().clone() for name, param in self.named_parameters()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = dict(self.student.named_parameters())
-        expected = set(self.state_dict())
+        own = dict(self.named_parameters())
+        expected = set(own)
         if set(state_dict) != expected:
             raise UserInputError(
                 f"the checkpoint's EMA adapter does not match this run's ({len(set(state_dict) ^ expected)} tensors "
@@ -210,7 +212,7 @@ class AdapterTeacher(nn.Module):
 
 
 def make_lora_teacher(kind: str, student: nn.Module) -> AdapterTeacher:
-    """`frozen`: adapters off; `live`: the student's adapter; `ema`: a new "teacher" adapter, a copy of the student's."""
+    """`frozen`: adapters off; `live`: the student's adapter; `ema`: a new "ema_teacher" adapter, a copy of the student's."""
     peft_model = extract_model_from_parallel(student)
     if kind == "frozen":
         return AdapterTeacher(peft_model, None)

@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from sdft_utils.distributed import local_parameters
 from sdft_utils.errors import UserInputError
 from sdft_utils.lora import AdapterTeacher, is_lora_model, make_lora_teacher
 from sdft_utils.modeling import load_model
@@ -51,24 +52,29 @@ def make_teacher(kind: str, student: nn.Module, source: str | Path, dtype: torch
 def check_same_layout(teacher: nn.Module, student: nn.Module, source: str | Path, need_same_parameters: bool) -> None:
     """The divergence compares next-token distributions, so the vocabularies must match; an EMA also needs every
     parameter to have the same name and shape."""
-    teacher_vocab = teacher.get_output_embeddings().weight.shape[0]
-    student_vocab = student.get_output_embeddings().weight.shape[0]
+    teacher_vocab = _full_shape(teacher.get_output_embeddings().weight)[0]
+    student_vocab = _full_shape(student.get_output_embeddings().weight)[0]
     if teacher_vocab != student_vocab:
         raise UserInputError(f"the teacher '{source}' has a vocabulary of {teacher_vocab} tokens but the student has "
                              f"{student_vocab}; a per-token divergence needs the same tokenizer.")
     if need_same_parameters:
-        teacher_shapes = {name: tuple(p.shape) for name, p in teacher.named_parameters()}
-        student_shapes = {name: tuple(p.shape) for name, p in student.named_parameters()}
+        teacher_shapes = {name: _full_shape(p) for name, p in teacher.named_parameters()}
+        student_shapes = {name: _full_shape(p) for name, p in student.named_parameters()}
         if teacher_shapes != student_shapes:
             raise UserInputError(f"an EMA teacher needs the student's architecture, but '{source}' has different "
                                  "parameters. Use --teacher_kind frozen for a different teacher model.")
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the full shape in ds_shape
 
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
     """teacher <- (1 - rate) * teacher + rate * student, elementwise, in the teacher's dtype.
 
-    Works on whatever each rank holds (full tensors, or shards when both models are sharded the same way).
+    Works on whatever each rank holds: whole tensors, or the matching shards when both models are sharded the same
+    way (ZeRO-3 partitions, FSDP2 local shards), so it never communicates.
     A LoRA EMA teacher (`AdapterTeacher`) updates its adapter from the student's adapter only.
     """
     if isinstance(teacher, AdapterTeacher):
@@ -76,8 +82,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
         sources = [p.detach().to(q.dtype) for p, q in zip(student_tensors, targets, strict=True)]
         torch._foreach_lerp_(targets, sources, rate)
         return
-    teacher_params = dict(teacher.named_parameters())
-    student_params = dict(extract_model_from_parallel(student).named_parameters())
+    teacher_params = local_parameters(teacher)
+    student_params = local_parameters(student)
     targets = [teacher_params[name] for name in student_params]
     sources = [p.detach().to(q.dtype) for p, q in zip(student_params.values(), targets, strict=True)]
     torch._foreach_lerp_(targets, sources, rate)

@@ -134,6 +134,9 @@ def test_teacher_state_dict_is_the_ema_adapter_and_reloads_exactly():
     randomize_adapter(model, TEACHER_ADAPTER, seed=3)
     saved = teacher.state_dict()
     assert saved and all(f".{TEACHER_ADAPTER}." in name for name in saved)
+    assert list(saved) == [name for name, _ in teacher.named_parameters()]  # what checkpoint.py saves per rank
+    for kind in ("frozen", "live"):  # views with nothing of their own to save
+        assert not list(make_teacher(kind, lora_model(), "unused", torch.float32).parameters())
     other_model = lora_model()
     other = make_teacher("ema", other_model, "unused", torch.float32)
     other.load_state_dict(saved)

@@ -44,7 +44,7 @@ def test_checkpoints_hold_the_adapters_in_peft_format_and_the_trainer_state_only
     assert "LoRA: " in result.stdout and "trainable parameters" in result.stdout
     assert all(math.isfinite(m["loss"]) for m in read_metrics(output_dir))
     checkpoint = output_dir / "checkpoint-4"
-    student, teacher = adapter(checkpoint), adapter(checkpoint / "teacher")
+    student, teacher = adapter(checkpoint), adapter(checkpoint / "ema_teacher")
     assert set(student) == set(teacher) and all("lora_" in name for name in student)
     assert json.loads((checkpoint / "adapter_config.json").read_text())["r"] == 4
     trainer_state = load_file(checkpoint / "trainer_state" / "model.safetensors")
@@ -54,8 +54,8 @@ def test_checkpoints_hold_the_adapters_in_peft_format_and_the_trainer_state_only
 
 def test_ema_adapter_moves_by_exactly_the_ema_rule(ema_run):
     _, _, output_dir, _ = ema_run
-    teacher_3 = adapter(output_dir / "checkpoint-3" / "teacher")
-    teacher_4 = adapter(output_dir / "checkpoint-4" / "teacher")
+    teacher_3 = adapter(output_dir / "checkpoint-3" / "ema_teacher")
+    teacher_4 = adapter(output_dir / "checkpoint-4" / "ema_teacher")
     student_4 = adapter(output_dir / "checkpoint-4")
     moved = 0
     for name, value in teacher_4.items():
@@ -91,7 +91,7 @@ def test_resume_restores_both_adapters_and_continues_exactly(ema_run):
     for a, b in zip(read_metrics(output_dir)[2:], read_metrics(resumed_dir)[2:], strict=True):
         assert a["step"] == b["step"] and a["completion_length"] == b["completion_length"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
-    for sub in ("", "teacher"):
+    for sub in ("", "ema_teacher"):
         final_a, final_b = adapter(output_dir / "checkpoint-4" / sub), adapter(resumed_dir / "checkpoint-4" / sub)
         for name in final_a:
             torch.testing.assert_close(final_a[name], final_b[name], rtol=1e-5, atol=1e-6, msg=f"{sub} {name}")
@@ -104,7 +104,7 @@ def test_sdft_frozen_lora_teacher_trains_with_dropout_and_checkpointing(tmp_path
          "--teacher_kind", "frozen", "--lora_dropout", 0.1, "--gradient_checkpointing", "true")
     assert [m["step"] for m in read_metrics(output_dir)] == [1, 2]
     checkpoint = output_dir / "checkpoint-2"
-    assert not (checkpoint / "teacher").exists()  # no second adapter for these kinds
+    assert not (checkpoint / "ema_teacher").exists()  # no second adapter for these kinds
     assert any(value.abs().max() > 0 for name, value in adapter(checkpoint).items() if "lora_B" in name)
 
 
@@ -121,7 +121,7 @@ def test_sdpo_with_lora(tmp_path, tiny_model_dir, teacher_flags):
         "--learning_rate", 1e-2, "--warmup_steps", 0, *LORA, *teacher_flags)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) for m in metrics)
-    assert (out / "checkpoint-2" / "teacher").is_dir() == (teacher_flags[1] == "ema")
+    assert (out / "checkpoint-2" / "ema_teacher").is_dir() == (teacher_flags[1] == "ema")
     assert any(value.abs().max() > 0 for name, value in adapter(out / "checkpoint-2").items() if "lora_B" in name)
 
 
@@ -158,3 +158,37 @@ def test_vllm_engine_samples_from_the_merged_adapter(tmp_path, tiny_model_dir, m
     adapted = sequence_logprobs(AutoModelForCausalLM.from_pretrained(output_dir / "checkpoint-2"), prompt, tokens, 1.0)
     base = sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), prompt, tokens, 1.0)
     assert (adapted - base).abs().max() > 1e-2
+
+
+def test_two_process_ddp_trains_the_adapter(tmp_path, tiny_model_dir):
+    """2 gloo ranks (DDP on CPU): gradients of the adapter are averaged, the EMA adapter follows on every rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output_dir = tmp_path / "out"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    flags = [*common_flags(tiny_model_dir, write_dataset(tmp_path / "train.jsonl"), output_dir), *LORA,
+             "--per_device_batch_size", 1, "--max_steps", 2, "--save_steps", 1, "--save_total_limit", "none"]
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         str(root / "train_sdft.py"), *map(str, flags)], cwd=root, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(2 processes x 2 micro-batches of 1)" in result.stdout
+    assert [m["step"] for m in read_metrics(output_dir)] == [1, 2]  # logged once, by the main process
+    teacher_1, teacher_2 = adapter(output_dir / "checkpoint-1" / "ema_teacher"), adapter(
+        output_dir / "checkpoint-2" / "ema_teacher")
+    student_2 = adapter(output_dir / "checkpoint-2")
+    for name, value in teacher_2.items():
+        expected = (1 - EMA_RATE) * teacher_1[name].double() + EMA_RATE * student_2[name].double()
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-7, msg=name)
+    trainer_state = load_file(output_dir / "checkpoint-2" / "trainer_state" / "model.safetensors")
+    assert all(name.startswith("module.") and ".lora_" in name for name in trainer_state)  # DDP-wrapped names
