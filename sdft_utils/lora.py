@@ -292,11 +292,14 @@ def register_adapter_checkpointing(accelerator) -> None:
     `trainer_state/model.safetensors` keeps just the trainable tensors and loading checks it got all of them.
     (Under DeepSpeed, which saves the model itself, the full state is kept: correct, only larger.)"""
 
+    def trained_names(model) -> set[str]:  # names as the unwrapped model has them (no DDP "module." prefix)
+        return {name for name, param in extract_model_from_parallel(model).named_parameters() if param.requires_grad}
+
     def keep_trainable(models, weights, output_dir) -> None:
         for model, state in zip(models, weights, strict=False):
             if is_lora_model(model):
-                trained = {name for name, param in model.named_parameters() if param.requires_grad}
-                for name in [name for name in state if name not in trained]:
+                trained = trained_names(model)
+                for name in [name for name in state if name.removeprefix("module.") not in trained]:
                     del state[name]
 
     def load_trainable(models, input_dir) -> None:
@@ -305,13 +308,14 @@ def register_adapter_checkpointing(accelerator) -> None:
         for index, model in enumerate(list(models)):
             if not is_lora_model(model):
                 continue
-            state = load_file(Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors"))
-            trained = {name for name, param in model.named_parameters() if param.requires_grad}
+            file = Path(input_dir) / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+            state = {name.removeprefix("module."): tensor for name, tensor in load_file(file).items()}
+            trained = trained_names(model)
             if set(state) != trained:
                 raise UserInputError(
                     f"{input_dir}: the saved adapter does not match this run's ({len(set(state) ^ trained)} tensors "
                     "differ): resume with the --lora_* flags of the run that wrote it.")
-            model.load_state_dict(state, strict=False)
+            extract_model_from_parallel(model).load_state_dict(state, strict=False)
             models.remove(model)  # loaded here; accelerate would expect every base weight in the file
 
     accelerator.register_save_state_pre_hook(keep_trainable)
