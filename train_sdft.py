@@ -22,6 +22,7 @@ Run:
   python train_sdft.py                                        # embedded default: SmolLM2-135M on bundled facts
   python train_sdft.py --model Qwen/Qwen2.5-7B-Instruct --dataset data.jsonl --output_dir outputs/run1
   python train_sdft.py --config recipes/sdft_tooluse.yaml     # the paper's recipe (needs a GPU)
+  python train_sdft.py --dataset data.jsonl --use_peft true --learning_rate 1e-4   # LoRA: one copy of the base weights
   accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
   sbatch slurm/sdft.sbatch                                    # multi-node (edit the variables at its top)
 """

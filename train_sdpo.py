@@ -27,6 +27,7 @@ Run:
   python train_sdpo.py                                        # embedded default: SmolLM2-135M learns one-digit sums
   python train_sdpo.py --model Qwen/Qwen3-8B --dataset questions.jsonl --verifier math --output_dir outputs/sdpo1
   python train_sdpo.py --config recipes/sdpo_science.yaml     # Section 3 (needs GPUs)
+  python train_sdpo.py --dataset questions.jsonl --use_peft true --learning_rate 1e-4  # LoRA (README: LoRA / PEFT)
   accelerate launch --num_processes 8 train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
   (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
 """

@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--prompt_tokens", type=int, default=64)
     parser.add_argument("--completion_tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--setups", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.model == "embedded":
@@ -121,9 +122,11 @@ def main() -> None:
           "step (s, median) |")
     print("|---|---|---|---|---|---|---|")
     for name, use_peft in (("full fine-tuning + EMA copy", False), ("LoRA + EMA adapter", True)):
+        if ("lora" if use_peft else "full") not in args.setups:
+            continue
         result = run(model_path, dtype, use_peft, args)
         print(f"| {name} | {result['trained']:,} | {result['parameters']:.1f} | {result['gradients']:.1f} | "
-              f"{result['adam']:.1f} | {result['total']:.1f} | {result['step']:.2f} |")
+              f"{result['adam']:.1f} | {result['total']:.1f} | {result['step']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
