@@ -42,9 +42,15 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import load_sdft_dataset, step_indices
+from sdft_utils.data import load_sdft_dataset, process_positions, step_indices
 from sdft_utils.distributed import (
     gathered_output_head,
     make_accelerator,
@@ -73,8 +79,9 @@ from sdft_utils.modeling import (
     resolve_dtype,
     trainable_parameters,
 )
+from sdft_utils.plots import plot_after_training
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
-from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import (
     ROLLOUT_BACKENDS,
     VLLM_MODES,
@@ -197,6 +204,10 @@ class Args:
     eval_datasets: list[str] = arg([], "files with prompt + answers; greedy accuracy printed before and after "
                                        "training", "evaluation")
     eval_max_new_tokens: int = arg(48, "maximum new tokens per evaluation answer", "evaluation")
+    eval_every: int = arg(0, "also evaluate every N steps and at the end, and keep the best checkpoint "
+                             "(OUTPUT_DIR/best); 0 = before and after training only", "evaluation")
+    eval_metric: str | None = arg(None, "metric that picks the best checkpoint (higher is better), e.g. "
+                                        "eval/heldout_accuracy; None = the first evaluation set's", "evaluation")
 
 
 def check_args(args: Args) -> None:
@@ -229,6 +240,9 @@ def main() -> None:
                                 teacher_prompt_column=args.teacher_prompt_column, teacher_template=template,
                                 split=args.dataset_split)
     eval_sets = {eval_set_name(path): load_eval_set(path) for path in args.eval_datasets}
+    best_metric = choose_eval_metric(args.eval_metric, [f"eval/{name}_accuracy" for name in eval_sets],
+                                     args.eval_every)
+    best = BestCheckpoint(best_metric) if best_metric else None
     output_dir = Path(args.output_dir)
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir)
 
@@ -239,7 +253,6 @@ def main() -> None:
             f"--prompts_per_step {args.prompts_per_step} x --num_generations {args.num_generations} must split evenly "
             f"over {world} processes and then into micro-batches of --per_device_batch_size "
             f"{args.per_device_batch_size}.")
-    prompts_per_process = args.prompts_per_step // world
     accumulation_steps = sequences_per_step // world // args.per_device_batch_size
     accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
                                    tracker_for(args.report_to), str(output_dir))
@@ -275,7 +288,10 @@ def main() -> None:
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path, teacher_state)["step"]
+        progress = load_checkpoint(accelerator, resume_path, teacher_state)
+        start_step = progress["step"]
+        if best:
+            best.restore(progress)
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -294,6 +310,8 @@ def main() -> None:
         return results
 
     before = evaluate("before training") if eval_sets and start_step == 0 else {}
+    if before:
+        metrics_log.log(before, 0)
     accelerator.print(f"SDFT: {len(dataset)} examples, {total_steps} steps of {args.prompts_per_step} prompts "
                       f"({world} processes x {accumulation_steps} micro-batches of {args.per_device_batch_size})")
 
@@ -301,10 +319,11 @@ def main() -> None:
     progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                         disable=not accelerator.is_local_main_process, desc="sdft")
     warned_about_truncation = False
+    evaluated = {}
     for step in progress_bar:
         step_start = time.perf_counter()
-        examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed,
-                                                     accelerator.process_index, prompts_per_process)]
+        positions = process_positions(args.prompts_per_step, world, accelerator.process_index)
+        examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed, positions)]
         student_prompts, student_truncated = tokenize_chat_prompts(
             tokenizer, [example.prompt for example in examples], args.max_prompt_length)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
@@ -316,7 +335,8 @@ def main() -> None:
             warned_about_truncation = True
 
         # 1. on-policy samples: the student sees the prompt alone
-        rollouts = rollout.generate(student_prompts, sampling)
+        # per-prompt seeds: the same samples whether the step runs on 1 process or N
+        rollouts = rollout.generate(student_prompts, sampling, prompt_seeds(args.seed, step, positions))
         repeat = args.num_generations
         student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]
@@ -405,11 +425,15 @@ def main() -> None:
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }
-        metrics_log.log(metrics, step + 1)
+        eval_due = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps)
+        evaluated = evaluate(f"step {step + 1}") if eval_due else {}  # held-out split; the best is kept
+        metrics_log.log({**metrics, **evaluated}, step + 1)
         progress_bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}")
-        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
-            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                   args.save_total_limit, teacher_state)
+        new_best = best is not None and best.update(evaluated, step + 1)
+        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps or new_best:
+            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer,
+                                   {"step": step + 1, "best": best and best.state()}, args.save_total_limit,
+                                   teacher_state)
             if accelerator.is_main_process:
                 progress_bar.write(f"saved {path}")
 
@@ -418,8 +442,8 @@ def main() -> None:
         accelerator.print(f"merged model: {merged_path}")
 
     # ---------------------------------------------------------------- summary
-    after = evaluate("after training") if eval_sets else {}
-    if after:
+    after = evaluated or (evaluate("after training") if eval_sets else {})
+    if after and not evaluated:
         metrics_log.log(after, total_steps)
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -427,7 +451,12 @@ def main() -> None:
             key = f"eval/{name}_accuracy"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
             print(f"{name}: accuracy {start_text}{after[key]:.3f}")
+        if best and best.step is not None:
+            print(f"best: checkpoint-{best.step} ({best.metric} {best.value:.3f}) -> {output_dir / 'best'}")
         print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
+        plot = plot_after_training(metrics_log.path)
+        if plot:
+            print(f"plot: {plot}")
 
 
 def _as_list(value) -> list:

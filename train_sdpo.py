@@ -28,8 +28,8 @@ Run:
   python train_sdpo.py --model Qwen/Qwen3-8B --dataset questions.jsonl --verifier math --output_dir outputs/sdpo1
   python train_sdpo.py --config recipes/sdpo_science.yaml     # Section 3 (needs GPUs)
   python train_sdpo.py --dataset questions.jsonl --use_peft true --learning_rate 1e-4  # LoRA (README: LoRA / PEFT)
-  accelerate launch --num_processes 8 train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
-  (accelerate configs for DDP/ZeRO/FSDP2 and Slurm templates are an open issue: not verified yet)
+  accelerate launch --config_file accelerate_configs/zero3.yaml train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
+  sbatch slurm/sdpo.sbatch                                    # multi-node, optional vLLM server node
 """
 
 from __future__ import annotations
@@ -42,17 +42,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.batching import build_distill_batch
-from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from sdft_utils.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import step_indices
-from sdft_utils.distributed import start_processes
+from sdft_utils.data import process_positions, step_indices
+from sdft_utils.distributed import (
+    gathered_output_head,
+    make_accelerator,
+    prepare_teacher,
+    run_with_output_head,
+    start_processes,
+)
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
 from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
@@ -61,10 +72,10 @@ from sdft_utils.modeling import (
     completion_hidden_states,
     load_model,
     load_tokenizer,
-    output_head,
     resolve_dtype,
     trainable_parameters,
 )
+from sdft_utils.plots import plot_after_training
 from sdft_utils.policy_gradient import (
     clipped_policy_loss,
     grpo_advantages,
@@ -74,7 +85,7 @@ from sdft_utils.policy_gradient import (
 )
 from sdft_utils.prompts import tokenize_chat_prompts
 from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
-from sdft_utils.rollout import SamplingConfig
+from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollout_args, make_rollout_engine
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
@@ -184,6 +195,10 @@ class Args:
     eval_temperature: float = arg(0.0, "evaluation sampling temperature (0 = greedy)", "evaluation")
     eval_samples: int = arg(1, "completions per evaluation question (the success rate averages them)", "evaluation")
     eval_max_new_tokens: int = arg(256, "maximum new tokens per evaluation answer", "evaluation")
+    eval_every: int = arg(0, "also evaluate every N steps and at the end, and keep the best checkpoint "
+                             "(OUTPUT_DIR/best); 0 = before and after training only", "evaluation")
+    eval_metric: str | None = arg(None, "metric that picks the best checkpoint (higher is better), e.g. "
+                                        "eval/heldout_success; None = the first evaluation set's", "evaluation")
 
 
 def check_args(args: Args) -> None:
@@ -216,6 +231,9 @@ def main() -> None:
                 custom_reward=reward_fn is not None)
     tasks = load_sdpo_tasks(args.dataset, split=args.dataset_split, **load)
     eval_sets = {Path(path).stem: load_sdpo_tasks(path, **load) for path in args.eval_datasets}
+    best_metric = choose_eval_metric(args.eval_metric, [f"eval/{name}_success" for name in eval_sets],
+                                     args.eval_every)
+    best = BestCheckpoint(best_metric) if best_metric else None
     score = make_scorer(reward_fn)
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,
@@ -234,8 +252,8 @@ def main() -> None:
     questions_per_process = args.questions_per_step // world
     sequences_per_mini_batch = questions_per_process // args.mini_batches * group
     accumulation_steps = sequences_per_mini_batch // args.per_device_batch_size
-    accelerator = Accelerator(gradient_accumulation_steps=accumulation_steps, log_with=tracker_for(args.report_to),
-                              project_dir=str(output_dir))
+    accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
+                                   tracker_for(args.report_to), str(output_dir))
     check_peft_args(args, accelerator)  # LoRA combinations that cannot work, before any model loads
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(tasks) / args.questions_per_step)
@@ -253,22 +271,25 @@ def main() -> None:
         accelerator.print(lora_summary(model))
     # ema: the teacher is a second copy that follows the student; trust_region/frozen: the frozen initial model
     teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
-                           args.attn_implementation).to(accelerator.device)
+                           args.attn_implementation)
     eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps * args.mini_batches)
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = prepare_teacher(teacher, model, accelerator)  # sharded like the student under ZeRO-3 / FSDP2
     accelerator.register_for_checkpointing(scheduler)
-    if args.teacher_kind == "ema":
-        accelerator.register_for_checkpointing(teacher)
+    teacher_state = teacher if args.teacher_kind == "ema" else None  # what checkpoints must carry of the teacher
     rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=group)
 
     start_step = 0
     if resume_path is not None:
-        start_step = load_checkpoint(accelerator, resume_path)["step"]
+        progress = load_checkpoint(accelerator, resume_path, teacher_state)
+        start_step = progress["step"]
+        if best:
+            best.restore(progress)
         accelerator.print(f"resumed from {resume_path} at step {start_step}")
     rollout.sync_weights(model)  # a separate engine (vLLM) starts from the trainer's, possibly resumed, weights
     if accelerator.is_main_process:
@@ -290,20 +311,25 @@ def main() -> None:
         return results
 
     before = evaluate("before training") if eval_sets and start_step == 0 else {}
+    if before:
+        metrics_log.log(before, 0)
     accelerator.print(f"SDPO: {len(tasks)} questions, {total_steps} steps of {args.questions_per_step} x {group} "
                       f"rollouts, {args.mini_batches} optimizer step(s) each")
 
     # ---------------------------------------------------------------- the loop
     progress_bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                         disable=not accelerator.is_local_main_process, desc="sdpo")
+    evaluated = {}
     for step in progress_bar:
         step_start = time.perf_counter()
-        batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.questions_per_step, args.seed,
-                                                      accelerator.process_index, questions_per_process)]
+        # this process's share of every mini-batch: an optimizer step sees the same questions on 1 or N processes
+        positions = process_positions(args.questions_per_step, world, accelerator.process_index, args.mini_batches)
+        batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.questions_per_step, args.seed, positions)]
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
-        rollouts = rollout.generate(prompt_ids, sampling)
+        # per-question seeds: the same samples whether the step runs on 1 process or N
+        rollouts = rollout.generate(prompt_ids, sampling, prompt_seeds(args.seed, step, positions))
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         verdicts = [score(task, text) for task, text in zip([t for t in batch_tasks for _ in range(group)], texts,
                                                              strict=True)]
@@ -342,12 +368,12 @@ def main() -> None:
                                                           width)
                 teacher_hidden, teacher_weight, teacher_bias = teacher_view(
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
-                student_weight, student_bias = output_head(model)
-                divergence = chunked_token_divergence(
+                # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
+                divergence = run_with_output_head(model, lambda student_weight, student_bias: chunked_token_divergence(
                     student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
                     batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
                     alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                    temperature=args.temperature, chunk_size=args.loss_chunk_size))
                 per_token = scatter_rows(divergence, scored)
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
@@ -355,9 +381,10 @@ def main() -> None:
                                                   args.rollout_is_clip)
                 policy = None
                 if args.grpo_lambda > 0:  # the hybrid's GRPO part needs log pi(y) with gradients
-                    logprobs = torch.zeros_like(current).masked_scatter(scored, token_logprobs(
-                        student_hidden[scored], student_weight, student_bias, batch.completion_ids[scored],
-                        args.temperature, args.loss_chunk_size))
+                    logprobs = torch.zeros_like(current).masked_scatter(scored, run_with_output_head(
+                        model, lambda weight, bias: token_logprobs(student_hidden[scored], weight, bias,
+                                                                   batch.completion_ids[scored], args.temperature,
+                                                                   args.loss_chunk_size)))
                     correction, _ = token_is_weights(old, old, batch.rollout_logprobs, 1.0, args.rollout_is_clip)
                     policy = clipped_policy_loss(logprobs, old, advantages[rows].to(logprobs.device), correction,
                                                  args.clip_low, args.clip_high)
@@ -406,21 +433,26 @@ def main() -> None:
             "step_seconds": seconds,
             "epoch": (step + 1) * args.questions_per_step / len(tasks),
         }
-        metrics_log.log(metrics, step + 1)
+        eval_due = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps)
+        evaluated = evaluate(f"step {step + 1}") if eval_due else {}  # held-out split; the best is kept
+        metrics_log.log({**metrics, **evaluated}, step + 1)
         progress_bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}",
                                  reprompted=f"{reprompt_stats['reprompt_sample_fraction']:.2f}")
-        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps:
-            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer, {"step": step + 1},
-                                   args.save_total_limit)
-            progress_bar.write(f"saved {path}")
+        new_best = best is not None and best.update(evaluated, step + 1)
+        if (step + 1) % args.save_steps == 0 or step + 1 == total_steps or new_best:
+            path = save_checkpoint(accelerator, output_dir, step + 1, model, tokenizer,
+                                   {"step": step + 1, "best": best and best.state()}, args.save_total_limit,
+                                   teacher_state)
+            if accelerator.is_main_process:
+                progress_bar.write(f"saved {path}")
 
     if args.merge_adapter_at_end:  # LoRA: also a plain Hugging Face folder with the adapter merged in
         merged_path = save_merged_model(accelerator, model, tokenizer, output_dir / "merged_model")
         accelerator.print(f"merged model: {merged_path}")
 
     # ---------------------------------------------------------------- summary
-    after = evaluate("after training") if eval_sets else {}
-    if after:
+    after = evaluated or (evaluate("after training") if eval_sets else {})
+    if after and not evaluated:
         metrics_log.log(after, total_steps)
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -428,7 +460,12 @@ def main() -> None:
             key = f"eval/{name}_success"
             start_text = f"{before[key]:.3f} -> " if key in before else ""
             print(f"{name}: {eval_kind} success rate {start_text}{after[key]:.3f}")
+        if best and best.step is not None:
+            print(f"best: checkpoint-{best.step} ({best.metric} {best.value:.3f}) -> {output_dir / 'best'}")
         print(f"outputs: model {output_dir / f'checkpoint-{total_steps}'}  metrics {metrics_log.path}")
+        plot = plot_after_training(metrics_log.path)
+        if plot:
+            print(f"plot: {plot}")
 
 
 @torch.no_grad()
@@ -436,12 +473,12 @@ def teacher_view(args: Args, teacher, model, input_ids: torch.Tensor, attention_
     """The teacher's hidden states (B, T, H') and head on the reprompt. Trust region: logits (1-a)*z_ref + a*z_theta,
     written as one head over the concatenated hidden states [(1-a) h_ref, a h_theta] @ [W_ref, W_theta]^T."""
     hidden = completion_hidden_states(teacher, input_ids, attention_mask, width)
-    weight, bias = output_head(teacher)
+    weight, bias = gathered_output_head(teacher)
     if args.teacher_kind != "trust_region":
         return hidden, weight, bias
     mix = args.teacher_update_rate
     current_hidden = completion_hidden_states(model, input_ids, attention_mask, width)
-    current_weight, current_bias = output_head(model)
+    current_weight, current_bias = gathered_output_head(model)
     hidden = torch.cat([(1 - mix) * hidden, mix * current_hidden], dim=-1)
     weight = torch.cat([weight, current_weight.detach()], dim=-1)
     if bias is not None or current_bias is not None:
@@ -459,7 +496,7 @@ def recompute_logprobs(model, prompts: list[list[int]], completions: list[list[i
         batch = build_distill_batch(prompts[rows], prompts[rows], completions[rows], None, pad_id).to(device)
         hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
                                           batch.num_completion_tokens)
-        weight, bias = output_head(model)
+        weight, bias = gathered_output_head(model)
         scored = batch.completion_mask.bool()
         values = token_logprobs(hidden[scored], weight, bias, batch.completion_ids[scored], args.temperature,
                                 args.loss_chunk_size)

@@ -8,14 +8,20 @@ Layout of `OUTPUT_DIR/checkpoint-STEP/`:
 - `progress.json`: the step the run reached, written last.
 
 Everything is written to `checkpoint-STEP.tmp` first and renamed when complete, so a folder named
-`checkpoint-STEP` is always whole. Only the newest `keep_last` checkpoints are kept.
+`checkpoint-STEP` is always whole. Only the newest `keep_last` checkpoints are kept, plus the best one.
+
+Best checkpoint (`--eval_every N`): `BestCheckpoint` remembers the best evaluation so far; it is saved in every
+checkpoint's progress.json (so a resumed run knows it), pruning never removes a checkpoint that a kept checkpoint
+names as its best, and `OUTPUT_DIR/best` (a relative symlink) and `OUTPUT_DIR/best.json` point at it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ from sdft_utils.distributed import holds_shards, local_parameters
 from sdft_utils.errors import UserInputError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+BEST_LINK, BEST_FILE = "best", "best.json"
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -81,10 +88,86 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(final)
         staging.rename(final)
         if keep_last:
-            for old in list_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old)
+            checkpoints = list_checkpoints(output_dir)
+            protected = _best_steps(checkpoints[-keep_last:])  # a kept checkpoint's best must stay resumable
+            for old in checkpoints[:-keep_last]:
+                if _step_of(old) not in protected:
+                    shutil.rmtree(old)
+        if progress.get("best"):
+            point_to_best(output_dir, progress["best"])
     accelerator.wait_for_everyone()
     return final
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+
+
+def _best_steps(checkpoints: list[Path]) -> set[int]:
+    steps = set()
+    for checkpoint in checkpoints:
+        best = json.loads((checkpoint / "progress.json").read_text()).get("best")
+        if best:
+            steps.add(best["step"])
+    return steps
+
+
+def point_to_best(output_dir: str | Path, best: dict[str, Any]) -> None:
+    """OUTPUT_DIR/best -> checkpoint-STEP (replaced atomically) and best.json with the metric and its value."""
+    output_dir = Path(output_dir)
+    target = f"checkpoint-{best['step']}"
+    staging = output_dir / f".{BEST_LINK}.tmp"
+    staging.unlink(missing_ok=True)
+    try:
+        staging.symlink_to(target, target_is_directory=True)  # relative: the run folder can be moved or copied
+        os.replace(staging, output_dir / BEST_LINK)
+    except OSError:  # a file system without symlinks: best.json alone names the checkpoint
+        pass
+    info = output_dir / f".{BEST_FILE}.tmp"
+    info.write_text(json.dumps({**best, "checkpoint": target}, indent=2) + "\n")
+    os.replace(info, output_dir / BEST_FILE)
+
+
+@dataclass
+class BestCheckpoint:
+    """The best value of one evaluation metric so far (higher is better; a tie keeps the earlier step)."""
+
+    metric: str
+    value: float | None = None
+    step: int | None = None
+
+    def update(self, metrics: dict[str, Any], step: int) -> bool:
+        """True when `metrics` holds a new best: the caller then saves a checkpoint at this step."""
+        value = metrics.get(self.metric)
+        if value is None or (self.value is not None and value <= self.value):
+            return False
+        self.value, self.step = float(value), step
+        return True
+
+    def state(self) -> dict[str, Any] | None:
+        return None if self.step is None else {"metric": self.metric, "value": self.value, "step": self.step}
+
+    def restore(self, progress: dict[str, Any]) -> None:
+        """On resume: the best as the checkpoint knew it (a later best of the interrupted run is redone)."""
+        best = progress.get("best")
+        if best and best.get("metric") == self.metric:
+            self.value, self.step = best["value"], best["step"]
+
+
+def choose_eval_metric(requested: str | None, available: list[str], eval_every: int) -> str | None:
+    """The metric that picks the best checkpoint (default: the first evaluation set's); checked before loading."""
+    if eval_every < 0:
+        raise UserInputError(f"--eval_every must be >= 0, got {eval_every}")
+    if not eval_every:
+        return None
+    if not available:
+        raise UserInputError("--eval_every needs a held-out split to evaluate: pass --eval_datasets FILE ...")
+    if requested is None:
+        return available[0]
+    if requested not in available:
+        raise UserInputError(f"--eval_metric {requested}: not one of the evaluation metrics {available}. "
+                             "Each --eval_datasets file gives one (its file name without the extension).")
+    return requested
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | Path, teacher: nn.Module | None = None) -> dict[str, Any]:

@@ -160,8 +160,8 @@ class AdapterTeacher(nn.Module):
 
     Scripts use it like any teacher model: `completion_hidden_states(teacher, ...)` calls its forward (the student's
     forward with the teacher's adapter switched on) and `output_head(teacher)` reads the shared head. For the EMA kind
-    its parameters (and `state_dict()`) are the "ema_teacher" adapter's tensors, under the student's names, so the
-    checkpoint code saves and restores exactly those; the frozen and live views own no parameters."""
+    its parameters are the "ema_teacher" adapter's tensors, under the student's names, so `checkpoint.py` saves and
+    restores exactly those (in `checkpoint-STEP/teacher/`); the frozen and live views own no parameters."""
 
     def __init__(self, student: nn.Module, adapter: str | None):
         super().__init__()
@@ -194,21 +194,6 @@ class AdapterTeacher(nn.Module):
                     teacher += _tensors(adapters[self.adapter])
                     student += _tensors(adapters[STUDENT_ADAPTER])
         return teacher, student
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return {name: param.detach().clone() for name, param in self.named_parameters()}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = dict(self.named_parameters())
-        expected = set(own)
-        if set(state_dict) != expected:
-            raise UserInputError(
-                f"the checkpoint's EMA adapter does not match this run's ({len(set(state_dict) ^ expected)} tensors "
-                "differ): resume with the --lora_* flags of the run that wrote it.")
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                own[name].copy_(value)
-        return torch.nn.modules.module._IncompatibleKeys([], [])
 
 
 def make_lora_teacher(kind: str, student: nn.Module) -> AdapterTeacher:

@@ -1,7 +1,9 @@
 """Rollout engines: sample completions from the student and return their tokens and log-probabilities.
 
 Every engine has the same two methods, so the training scripts never branch on the backend:
-- `generate(prompt_ids, sampling) -> Rollouts`
+- `generate(prompt_ids, sampling, seeds=None) -> Rollouts`; with one seed per prompt (`prompt_seeds`) the samples
+  of a prompt depend only on its seed, not on which process or generate() batch it lands in, so a run gives the
+  same rollouts on 1 or N processes (HF: counter-based Gumbel-max noise; vLLM colocate: per-request seeds)
 - `sync_weights(model)`: make the engine sample from the model's current weights (a no-op for HF `generate`,
   which samples from the training model itself).
 """
@@ -31,6 +33,52 @@ class Rollouts:
     completion_ids: list[list[int]]  # each ends with EOS unless it hit max_new_tokens
     logprobs: list[list[float]]  # log-prob of each sampled token under the sampling distribution
     from_training_weights: bool  # True when the engine *is* the training model (no mismatch to correct)
+
+
+_UINT64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """A 64-bit integer hash (SplitMix64 finaliser) on Python ints."""
+    value = (value + 0x9E3779B97F4A7C15) & _UINT64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _UINT64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _UINT64
+    return value ^ (value >> 31)
+
+
+def prompt_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
+    """One sampling seed per prompt, from the run's seed, the step and the prompt's position in the step's global
+    batch (`data.process_positions`)."""
+    return [_splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ position) >> 1 for position in positions]
+
+
+def _to_signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)  # logical shift on int64 (>> alone is arithmetic)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (multiplication wraps around, as in unsigned arithmetic)."""
+    x = x ^ _shift_right(x, 30)
+    x = x * _to_signed(0xBF58476D1CE4E5B9)
+    x = x ^ _shift_right(x, 27)
+    x = x * _to_signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
+
+
+def gumbel_noise(row_keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """(B,) int64 keys -> (B, V) float32 Gumbel(0, 1) noise that depends only on (key, position, token).
+
+    argmax(logprobs + noise) is an exact sample from softmax(logprobs) (the Gumbel-max trick); unlike
+    torch.multinomial, a row's sample does not depend on the other rows of the batch.
+    """
+    base = _mix64(row_keys * _to_signed(0x9E3779B97F4A7C15) + position)
+    bits = _mix64(base[:, None] + torch.arange(vocab_size, device=row_keys.device))
+    uniform = (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)  # in (0, 1)
+    return (-torch.log(-torch.log(uniform))).float()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +111,10 @@ class _SampleAndRecord(LogitsProcessor):
     step's log-probabilities (one (B, V) tensor, not one per step) and reads them then.
     """
 
-    def __init__(self, temperature: float, top_p: float):
+    def __init__(self, temperature: float, top_p: float, row_keys: torch.Tensor | None = None):
         self.temperature, self.top_p = temperature, top_p
+        self.row_keys = row_keys  # (B,) int64: sample with per-row noise instead of generate's multinomial
+        self.position = 0
         self.previous_logprobs: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] = []
 
@@ -79,7 +129,13 @@ class _SampleAndRecord(LogitsProcessor):
             drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p  # keep the token that crosses top_p
             scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         self.previous_logprobs = scores.log_softmax(-1)
-        return scores
+        self.position += 1
+        if self.row_keys is None or self.temperature <= 0:
+            return scores
+        noise = gumbel_noise(self.row_keys.to(scores.device), self.position, scores.shape[-1])
+        chosen = (self.previous_logprobs + noise).argmax(-1, keepdim=True)
+        # generate() then samples from a one-hot distribution: it picks exactly the chosen token
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
     def record(self, last_tokens: torch.Tensor) -> None:
         if self.previous_logprobs is not None:
@@ -100,21 +156,25 @@ class HFRollout:
         self.model = model  # generate() reads the training parameters directly
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
         prompts = [ids for ids in prompt_ids for _ in range(sampling.num_samples)]
+        row_keys = None if seeds is None else torch.tensor(
+            [_to_signed(_splitmix64(seed ^ sample)) for seed in seeds for sample in range(sampling.num_samples)])
         step = self.batch_size or len(prompts)
         completions, logprobs = [], []
         for start in range(0, len(prompts), step):
-            chunk_ids, chunk_logprobs = self._generate_batch(prompts[start:start + step], sampling)
+            chunk_ids, chunk_logprobs = self._generate_batch(
+                prompts[start:start + step], sampling, None if row_keys is None else row_keys[start:start + step])
             completions += chunk_ids
             logprobs += chunk_logprobs
         return Rollouts(completions, logprobs, from_training_weights=True)
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig):
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig, row_keys: torch.Tensor | None):
         model = extract_model_from_parallel(self.model)
         device = next(model.parameters()).device
         input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(prompts, self.pad_token_id))
-        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p)
+        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p, row_keys)
         # temperature/top-p are applied by the recorder; generate's own warpers are turned off so it samples from
         # exactly the distribution whose log-probabilities are recorded
         config = GenerationConfig(

@@ -92,16 +92,19 @@ class VLLMColocateRollout:
             self.sleeping -= set(waking)
 
     # ------------------------------------------------------------------ the rollout interface
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Rollouts:
-        prompts = prompt_ids
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
+        prompts, prompt_seeds = prompt_ids, seeds
         if self.tp_group is not None and torch.distributed.get_world_size(self.tp_group) > 1:
             # every rank of a TP group generates the group's whole batch, then keeps its own slice
-            gathered: list[list[list[int]]] = [None] * torch.distributed.get_world_size(self.tp_group)  # type: ignore
-            torch.distributed.all_gather_object(gathered, prompt_ids, group=self.tp_group)
-            prompts = [ids for part in gathered for ids in part]
+            gathered: list = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(gathered, (prompt_ids, seeds), group=self.tp_group)
+            prompts = [ids for part, _ in gathered for ids in part]
+            prompt_seeds = None if seeds is None else [seed for _, part in gathered for seed in part]
         self._wake()
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts],
-                                    sampling_params(sampling, self.eos_token_ids), use_tqdm=False)
+        params = sampling_params(sampling, self.eos_token_ids) if prompt_seeds is None else \
+            [sampling_params(sampling, self.eos_token_ids, seed) for seed in prompt_seeds]  # per-request seeds
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         self._sleep()
         completions, logprobs = [], []
         for output in outputs:  # samples of one prompt stay consecutive

@@ -97,7 +97,9 @@ class VLLMServerRollout:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> Rollouts:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                 seeds: list[int] | None = None) -> Rollouts:
+        # one request for all prompts: the server seeds it per call and rank, not per prompt (`seeds` is unused)
         self._calls += 1
         rank = self.accelerator.process_index if self.accelerator is not None else 0
         payload = {

@@ -264,12 +264,23 @@ def test_bad_teacher_template_argument(tmp_path):
 
 
 def test_step_indices_cover_each_epoch_once_and_split_over_processes():
-    from sdft_utils.data import step_indices
+    from sdft_utils.data import process_positions, step_indices
 
-    # 10 examples, 4 prompts per step: steps 0-1 and half of step 2 are epoch 0, the rest epoch 1
-    stream = [i for step in range(5) for i in step_indices(step, 10, 4, seed=7, process_index=0, prompts_per_process=4)]
+    everything = [0, 1, 2, 3]
+    stream = [i for step in range(5) for i in step_indices(step, 10, 4, seed=7, positions=everything)]
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    assert stream[:10] != stream[10:20]  # each epoch has its own shuffle
-    halves = [step_indices(3, 10, 4, seed=7, process_index=rank, prompts_per_process=2) for rank in (0, 1)]
-    assert halves[0] + halves[1] == step_indices(3, 10, 4, seed=7, process_index=0, prompts_per_process=4)
-    assert step_indices(3, 10, 4, 7, 0, 4) == stream[12:16]  # a function of the step alone: resumable
+    halves = [step_indices(3, 10, 4, seed=7, positions=process_positions(4, 2, rank)) for rank in (0, 1)]
+    assert halves[0] + halves[1] == step_indices(3, 10, 4, seed=7, positions=everything)
+    assert step_indices(3, 10, 4, 7, everything) == stream[12:16]  # a function of the step alone: resumable
+
+
+def test_process_positions_give_each_process_a_share_of_every_mini_batch():
+    from sdft_utils.data import process_positions
+
+    assert process_positions(8, 1, 0) == list(range(8))
+    assert process_positions(8, 2, 1) == [4, 5, 6, 7]
+    # 2 mini-batches of 4 prompts over 2 processes: mini-batch 1 = {0,1,2,3} split as {0,1} and {2,3}
+    assert process_positions(8, 2, 0, mini_batches=2) == [0, 1, 4, 5]
+    assert process_positions(8, 2, 1, mini_batches=2) == [2, 3, 6, 7]
+    shares = [process_positions(12, 3, rank, mini_batches=2) for rank in range(3)]
+    assert sorted(p for share in shares for p in share) == list(range(12))

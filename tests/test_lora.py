@@ -128,22 +128,14 @@ def test_frozen_teacher_is_exactly_the_base_model_and_ema_starts_at_the_student(
         assert torch.equal(ema(input_ids=IDS).logits, student_logits)  # the EMA adapter begins as a copy
 
 
-def test_teacher_state_dict_is_the_ema_adapter_and_reloads_exactly():
+def test_ema_teacher_parameters_are_its_adapter_and_the_views_own_nothing():
     model = lora_model()
     teacher = make_teacher("ema", model, "unused", torch.float32)
-    randomize_adapter(model, TEACHER_ADAPTER, seed=3)
-    saved = teacher.state_dict()
-    assert saved and all(f".{TEACHER_ADAPTER}." in name for name in saved)
-    assert list(saved) == [name for name, _ in teacher.named_parameters()]  # what checkpoint.py saves per rank
-    for kind in ("frozen", "live"):  # views with nothing of their own to save
+    named = dict(teacher.named_parameters())  # what checkpoint.py saves and restores for the teacher
+    assert named and set(named) == set(adapter_tensors(model, TEACHER_ADAPTER))
+    assert all(not param.requires_grad for param in named.values())
+    for kind in ("frozen", "live"):
         assert not list(make_teacher(kind, lora_model(), "unused", torch.float32).parameters())
-    other_model = lora_model()
-    other = make_teacher("ema", other_model, "unused", torch.float32)
-    other.load_state_dict(saved)
-    for name, value in adapter_tensors(other_model, TEACHER_ADAPTER).items():
-        assert torch.equal(value, saved[name])
-    with pytest.raises(UserInputError, match="--lora_"):
-        make_teacher("ema", lora_model(lora_target_modules=["q_proj"]), "unused", torch.float32).load_state_dict(saved)
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -65,3 +65,41 @@ def test_completions_stop_after_the_first_eos():
     for tokens, logprobs in zip(out.completion_ids, out.logprobs, strict=True):
         assert len(tokens) == len(logprobs)
         assert tokens.count(2) <= 1 and (2 not in tokens or tokens[-1] == 2)
+
+
+def test_gumbel_max_with_counter_noise_samples_the_softmax():
+    from sdft_utils.rollout import gumbel_noise
+
+    logprobs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
+    samples = 40_000
+    keys = torch.arange(samples, dtype=torch.long) * 7919 - 12345  # negative keys too: all 64 bits are used
+    noise = gumbel_noise(keys, position=3, vocab_size=5)
+    counts = torch.bincount((logprobs + noise).argmax(-1), minlength=5).double()
+    expected = logprobs.exp().double() * samples
+    assert ((counts - expected).abs() <= 4 * expected.sqrt()).all(), counts  # within 4 sigma per token
+    # the noise is a function of (key, position, token) alone: a row computed alone equals the row in a batch
+    assert torch.equal(gumbel_noise(keys[5:6], 3, 5), noise[5:6])
+    assert not torch.equal(gumbel_noise(keys[:100], 4, 5), noise[:100])  # another position, other noise
+
+
+def test_seeded_samples_do_not_depend_on_the_batch():
+    from sdft_utils.rollout import prompt_seeds
+
+    model = tiny_llama()
+    rollout = HFRollout(model, pad_token_id=2, eos_token_ids=[2])
+    prompts = [[1, 80, 81, 82, 83], [1, 90], [1, 60, 61]]
+    seeds = prompt_seeds(seed=3, step=5, positions=[0, 1, 2])
+    sampling = SamplingConfig(max_new_tokens=10, temperature=1.0, num_samples=2)
+    together = rollout.generate(prompts, sampling, seeds)
+    alone = rollout.generate(prompts[1:2], sampling, seeds[1:2])  # as if on another process, in another batch
+    assert alone.completion_ids == together.completion_ids[2:4]
+    torch.testing.assert_close(torch.tensor(alone.logprobs[0]), torch.tensor(together.logprobs[2]), atol=1e-5, rtol=0)
+    one_by_one = HFRollout(model, 2, [2], batch_size=1).generate(prompts, sampling, seeds)
+    assert one_by_one.completion_ids == together.completion_ids
+    assert together.completion_ids[0] != together.completion_ids[1]  # the samples of one prompt differ
+    # recorded log-probs are still those of the sampled tokens under the processed distribution
+    expected, mask = reference_logprobs(model, [p for p in prompts for _ in range(2)], together.completion_ids, 1.0)
+    got, _ = right_pad(together.logprobs, 0.0, torch.float64)
+    torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
+    other_step = rollout.generate(prompts, sampling, prompt_seeds(seed=3, step=6, positions=[0, 1, 2]))
+    assert other_step.completion_ids != together.completion_ids

@@ -76,8 +76,8 @@ def test_checkpoints_reload_as_models(four_step_run):
 def test_teacher_moves_by_exactly_the_ema_rule(four_step_run):
     _, _, output_dir, _, _ = four_step_run
 
-    def teacher_at(step):  # registered for checkpointing after the scheduler: custom_checkpoint_1
-        return torch.load(output_dir / f"checkpoint-{step}" / "trainer_state" / "custom_checkpoint_1.pkl")
+    def teacher_at(step):  # one process: the whole teacher in rank0.pt
+        return torch.load(output_dir / f"checkpoint-{step}" / "teacher" / "rank0.pt", weights_only=True)
 
     student_4 = load_file(output_dir / "checkpoint-4" / "model.safetensors")
     teacher_3, teacher_4 = teacher_at(3), teacher_at(4)
@@ -125,3 +125,43 @@ def test_bad_flag_combination_is_reported_before_loading(tmp_path):
     result = run_script("--model", tmp_path / "missing", "--dataset", dataset, "--divergence_mode", "sampled",
                         check=False)
     assert result.returncode == 2 and "--alpha 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def write_letter_eval(path: Path) -> Path:
+    """Held-out rows whose answer is one common letter: a tiny random model's accuracy moves as it trains."""
+    rows = [{"prompt": f"Say something {i}.", "answers": [letter]} for i, letter in enumerate("aeiou tn")]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_eval_every_keeps_the_best_checkpoint_and_a_resume_remembers_it(tmp_path, tiny_model_dir):
+    dataset, heldout = write_dataset(tmp_path / "train.jsonl"), write_letter_eval(tmp_path / "heldout.jsonl")
+    flags = [*common_flags(tiny_model_dir, dataset, tmp_path / "out"), "--save_steps", 2, "--save_total_limit", 1,
+             "--eval_datasets", heldout, "--eval_every", 1, "--eval_max_new_tokens", 16, "--learning_rate", 1e-2]
+    result = run_script(*flags, "--max_steps", 4)
+    out = tmp_path / "out"
+    metrics = read_metrics(out)
+    accuracy = {m["step"]: m["eval/heldout_accuracy"] for m in metrics if "eval/heldout_accuracy" in m}
+    assert sorted(accuracy) == [0, 1, 2, 3, 4]  # before training, then every step
+    best_value = max(accuracy[step] for step in (1, 2, 3, 4))
+    best_step = min(step for step in (1, 2, 3, 4) if accuracy[step] == best_value)
+    best = json.loads((out / "best.json").read_text())
+    assert best == {"metric": "eval/heldout_accuracy", "value": best_value, "step": best_step,
+                    "checkpoint": f"checkpoint-{best_step}"}
+    assert (out / "best").resolve() == (out / f"checkpoint-{best_step}").resolve()
+    # --save_total_limit 1 keeps the newest checkpoint, and the best one too
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-4", f"checkpoint-{best_step}"}
+    assert json.loads((out / "checkpoint-4" / "progress.json").read_text())["best"]["step"] == best_step
+    assert f"best: checkpoint-{best_step}" in result.stdout
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resumed for two more steps: the best so far comes from checkpoint-4's progress.json, not from scratch
+    result = run_script(*flags, "--max_steps", 6, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in result.stdout
+    accuracy = {m["step"]: m["eval/heldout_accuracy"] for m in read_metrics(out) if "eval/heldout_accuracy" in m}
+    assert sorted(accuracy) == [0, 1, 2, 3, 4, 5, 6]
+    best_value = max(accuracy[step] for step in range(1, 7))
+    best_step = min(step for step in range(1, 7) if accuracy[step] == best_value)
+    assert json.loads((out / "best.json").read_text())["step"] == best_step
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-6", f"checkpoint-{best_step}"}

@@ -59,3 +59,22 @@ def test_bad_data_stops_before_any_model_loads(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "column 'answer'" in result.stderr and "rows 1" in result.stderr and "column 'prompt'" in result.stderr
     assert "no_such_model" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_every_logs_the_held_out_success_and_keeps_the_best(tmp_path, tiny_model_dir):
+    data = write_questions(tmp_path / "q.jsonl")
+    out = tmp_path / "out"
+    result = run_script("--model", tiny_model_dir, "--dataset", data, "--output_dir", out, "--questions_per_step", 2,
+                        "--num_generations", 2, "--per_device_batch_size", 2, "--max_completion_length", 6,
+                        "--max_steps", 3, "--save_steps", 3, "--save_total_limit", 1, "--top_k", 5,
+                        "--gradient_checkpointing", "false", "--warmup_steps", 0, "--eval_datasets", data,
+                        "--eval_every", 2, "--eval_max_new_tokens", 4, "--eval_metric", "eval/q_success")
+    success = {m["step"]: m["eval/q_success"] for m in (json.loads(line) for line in
+                                                        (out / "metrics.jsonl").read_text().splitlines())
+               if "eval/q_success" in m}
+    assert sorted(success) == [0, 2, 3]  # before training, every 2 steps, and the last step
+    best_step = 2 if success[2] >= success[3] else 3
+    assert json.loads((out / "best.json").read_text())["step"] == best_step
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-3", f"checkpoint-{best_step}"}
+    assert f"best: checkpoint-{best_step}" in result.stdout and (out / "training_curves.png").is_file()
