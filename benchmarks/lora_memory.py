@@ -1,7 +1,8 @@
 """Memory and step time of full fine-tuning against LoRA (`--use_peft`), with an EMA teacher, on the same batch.
 
 Memory is counted, not sampled: bytes of every parameter held (student, teacher), of the gradients and of AdamW's
-two moments, after one step. Full fine-tuning holds two models (student + EMA copy); LoRA holds one base model and
+two moments, after one step. Step time is the median over the timed steps, as wall-clock seconds and as CPU
+seconds of this process (`time.process_time`; on a shared machine the wall clock also counts other jobs). Full fine-tuning holds two models (student + EMA copy); LoRA holds one base model and
 two small adapters (the student's and the EMA teacher's), with gradients and AdamW state for the student adapter only.
 The step is the scripts' math: student forward + backward, teacher forward, chunked divergence, AdamW, EMA update.
 
@@ -60,9 +61,9 @@ def run(model_path: str, dtype: torch.dtype, use_peft: bool, args) -> dict[str, 
     batch = build_distill_batch([ids(args.prompt_tokens) for _ in range(args.batch)],
                                 [ids(2 * args.prompt_tokens) for _ in range(args.batch)],
                                 [ids(args.completion_tokens) for _ in range(args.batch)], None, 0).to(device)
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + 1):  # the first step warms up and is not timed
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         width, scored = batch.num_completion_tokens, batch.completion_mask.bool()
         student_hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask, width)
         with torch.no_grad():
@@ -82,13 +83,14 @@ def run(model_path: str, dtype: torch.dtype, use_peft: bool, args) -> dict[str, 
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     parameters = tensor_bytes([*model.parameters(), *teacher.parameters()])
     optimizer_bytes = tensor_bytes(value for state in optimizer.state.values() for value in state.values()
                                    if isinstance(value, torch.Tensor) and value.dim() > 0)
     trained = sum(p.numel() for p in trainable_parameters(model))
     return {"parameters": parameters / MiB, "gradients": gradient_bytes / MiB, "adam": optimizer_bytes / MiB,
             "total": (parameters + gradient_bytes + optimizer_bytes) / MiB, "trained": trained,
-            "step": sorted(times)[len(times) // 2]}
+            "step": sorted(times)[len(times) // 2], "cpu": sorted(cpu_times)[len(cpu_times) // 2]}
 
 
 def main() -> None:
@@ -119,14 +121,15 @@ def main() -> None:
           f"{args.completion_tokens} completion tokens; teacher prompts {2 * args.prompt_tokens}), LoRA r={args.lora_r} "
           f"on {', '.join(DEFAULT_TARGET_MODULES)}, device {args.device}, {torch.get_num_threads()} threads")
     print("| setup | trained params | parameters (MiB) | gradients (MiB) | AdamW state (MiB) | total (MiB) | "
-          "step (s, median) |")
-    print("|---|---|---|---|---|---|---|")
+          "step wall s | step CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, use_peft in (("full fine-tuning + EMA copy", False), ("LoRA + EMA adapter", True)):
         if ("lora" if use_peft else "full") not in args.setups:
             continue
         result = run(model_path, dtype, use_peft, args)
         print(f"| {name} | {result['trained']:,} | {result['parameters']:.1f} | {result['gradients']:.1f} | "
-              f"{result['adam']:.1f} | {result['total']:.1f} | {result['step']:.2f} |", flush=True)
+              f"{result['adam']:.1f} | {result['total']:.1f} | {result['step']:.2f} | "
+              f"{result['cpu']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
