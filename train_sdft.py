@@ -22,6 +22,7 @@ Run:
   python train_sdft.py                                        # embedded default: SmolLM2-135M on bundled facts
   python train_sdft.py --model Qwen/Qwen2.5-7B-Instruct --dataset data.jsonl --output_dir outputs/run1
   python train_sdft.py --config recipes/sdft_tooluse.yaml     # the paper's recipe (needs a GPU)
+  python train_sdft.py --dataset data.jsonl --use_peft true --learning_rate 1e-4   # LoRA: one copy of the base weights
   accelerate launch --config_file accelerate_configs/zero3.yaml train_sdft.py --config recipes/sdft_science.yaml
   sbatch slurm/sdft.sbatch                                    # multi-node (edit the variables at its top)
   torchrun --nproc-per-node 8 train_sdft.py --backend megatron --tensor_model_parallel_size 8 --model /models/M ...
@@ -61,6 +62,7 @@ from sdft_utils.distributed import (
 )
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
+from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
 from sdft_utils.losses import (
     IS_MODES,
     chunked_token_divergence,
@@ -78,6 +80,7 @@ from sdft_utils.modeling import (
     load_model,
     load_tokenizer,
     resolve_dtype,
+    trainable_parameters,
 )
 from sdft_utils.plots import plot_after_training
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
@@ -171,6 +174,18 @@ class Args:
                           "teacher")
     teacher_model: str | None = arg(None, "start the teacher from this checkpoint instead of --model", "teacher")
     teacher_fp32: bool = arg(False, "keep the teacher in float32 (the authors' teacher is bf16)", "teacher")
+    # LoRA (peft)
+    use_peft: bool = arg(False, "train a LoRA adapter instead of the full model; every teacher kind shares the one copy "
+                                "of the base weights", "peft")
+    lora_r: int = arg(16, "LoRA rank", "peft")
+    lora_alpha: int = arg(32, "LoRA scale: the update is (lora_alpha / lora_r) * B @ A", "peft")
+    lora_dropout: float = arg(0.0, "dropout on the adapter input, student forward only (teachers and rollouts run "
+                                   "without)", "peft")
+    lora_target_modules: list[str] = arg(DEFAULT_TARGET_MODULES, "modules that get an adapter (Llama/Qwen attention "
+                                                                 "and MLP projections); all-linear = every linear "
+                                                                 "layer but the head", "peft")
+    merge_adapter_at_end: bool = arg(False, "after training, also write OUTPUT_DIR/merged_model: the base model with the "
+                                            "adapter merged in (loads without peft)", "peft")
     # optimization
     learning_rate: float = arg(2e-5, "AdamW learning rate", "optimization")
     lr_scheduler: str = arg("cosine", "learning-rate schedule", "optimization",
@@ -251,6 +266,7 @@ def main() -> None:
     accumulation_steps = sequences_per_step // world // args.per_device_batch_size
     accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
                                    tracker_for(args.report_to), str(output_dir))
+    check_peft_args(args, accelerator)  # LoRA combinations that cannot work, before any model loads
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(dataset) / args.prompts_per_step)
     set_seed(args.seed)
@@ -267,10 +283,13 @@ def main() -> None:
         model = load_model(model_path, dtype, args.attn_implementation)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.use_peft:  # LoRA: the teacher below becomes a view of this one model (sdft_utils/lora.py)
+            model = add_lora(model, args, accelerator)
+            accelerator.print(lora_summary(model))
         teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
                                torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
         eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     # the schedule counts optimizer steps; it is not prepared, because accelerate would step it once per process
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -446,6 +465,10 @@ def main() -> None:
                                        args.save_total_limit, teacher_state)
             if accelerator.is_main_process:
                 progress_bar.write(f"saved {path}")
+
+    if args.merge_adapter_at_end:  # LoRA: also a plain Hugging Face folder with the adapter merged in
+        merged_path = save_merged_model(accelerator, model, tokenizer, output_dir / "merged_model")
+        accelerator.print(f"merged model: {merged_path}")
 
     # ---------------------------------------------------------------- summary
     after = evaluated or (evaluate("after training") if eval_sets else {})

@@ -27,6 +27,7 @@ Run:
   python train_sdpo.py                                        # embedded default: SmolLM2-135M learns one-digit sums
   python train_sdpo.py --model Qwen/Qwen3-8B --dataset questions.jsonl --verifier math --output_dir outputs/sdpo1
   python train_sdpo.py --config recipes/sdpo_science.yaml     # Section 3 (needs GPUs)
+  python train_sdpo.py --dataset questions.jsonl --use_peft true --learning_rate 1e-4  # LoRA (README: LoRA / PEFT)
   accelerate launch --config_file accelerate_configs/zero3.yaml train_sdpo.py --config recipes/sdpo_rich_feedback.yaml
   sbatch slurm/sdpo.sbatch                                    # multi-node, optional vLLM server node
   torchrun --nproc-per-node 8 train_sdpo.py --backend megatron --tensor_model_parallel_size 8 --model /models/M ...
@@ -66,6 +67,7 @@ from sdft_utils.distributed import (
     start_processes,
 )
 from sdft_utils.errors import UserInputError, exit_on_user_error
+from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
 from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
@@ -74,6 +76,7 @@ from sdft_utils.modeling import (
     load_model,
     load_tokenizer,
     resolve_dtype,
+    trainable_parameters,
 )
 from sdft_utils.plots import plot_after_training
 from sdft_utils.policy_gradient import (
@@ -162,6 +165,18 @@ class Args:
     teacher_kind: str = arg("ema", "EMA of the student, trust region (logit mix of the initial and the current "
                                    "model on the reprompt), or frozen initial model", "teacher", SDPO_TEACHER_KINDS)
     teacher_update_rate: float = arg(0.05, "EMA rate after each step, or the trust-region mix weight", "teacher")
+    # LoRA (peft)
+    use_peft: bool = arg(False, "train a LoRA adapter instead of the full model; every teacher kind shares the one copy "
+                                "of the base weights", "peft")
+    lora_r: int = arg(16, "LoRA rank", "peft")
+    lora_alpha: int = arg(32, "LoRA scale: the update is (lora_alpha / lora_r) * B @ A", "peft")
+    lora_dropout: float = arg(0.0, "dropout on the adapter input, student forward only (teachers and rollouts run "
+                                   "without)", "peft")
+    lora_target_modules: list[str] = arg(DEFAULT_TARGET_MODULES, "modules that get an adapter (Llama/Qwen attention "
+                                                                 "and MLP projections); all-linear = every linear "
+                                                                 "layer but the head", "peft")
+    merge_adapter_at_end: bool = arg(False, "after training, also write OUTPUT_DIR/merged_model: the base model with the "
+                                            "adapter merged in (loads without peft)", "peft")
     # optimization
     learning_rate: float = arg(1e-5, "AdamW learning rate", "optimization")
     lr_scheduler: str = arg("constant_with_warmup", "learning-rate schedule", "optimization",
@@ -249,6 +264,7 @@ def main() -> None:
     accumulation_steps = sequences_per_mini_batch // args.per_device_batch_size
     accelerator = make_accelerator(accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
                                    tracker_for(args.report_to), str(output_dir))
+    check_peft_args(args, accelerator)  # LoRA combinations that cannot work, before any model loads
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
         args.num_train_epochs * len(tasks) / args.questions_per_step)
     set_seed(args.seed)
@@ -265,11 +281,14 @@ def main() -> None:
         model = load_model(model_path, dtype, args.attn_implementation)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.use_peft:  # LoRA: the teacher below becomes a view of this one model (sdft_utils/lora.py)
+            model = add_lora(model, args, accelerator)
+            accelerator.print(lora_summary(model))
         # ema: the teacher is a second copy that follows the student; trust_region/frozen: the frozen initial model
         teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
                                args.attn_implementation)
         eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps * args.mini_batches)
     if megatron:
@@ -454,6 +473,10 @@ def main() -> None:
                                        args.save_total_limit, teacher_state)
             if accelerator.is_main_process:
                 progress_bar.write(f"saved {path}")
+
+    if args.merge_adapter_at_end:  # LoRA: also a plain Hugging Face folder with the adapter merged in
+        merged_path = save_merged_model(accelerator, model, tokenizer, output_dir / "merged_model")
+        accelerator.print(f"merged model: {merged_path}")
 
     # ---------------------------------------------------------------- summary
     after = evaluated or (evaluate("after training") if eval_sets else {})

@@ -45,6 +45,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimizer gets: every parameter of a full model; the adapter only (never a teacher adapter) with LoRA."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that restart at 0 after left padding, as `generate` computes them. (B, S) -> (B, S)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -4,6 +4,9 @@ Kinds (SDFT paper App. A.3, authors' code):
 - `ema`: an exponential moving average of the student, updated after every optimizer step (the default; best).
 - `frozen`: the initial model, never updated (stable but worse).
 - `live`: the current student itself (diverges: small noise gets amplified on-policy).
+
+With a LoRA student (`--use_peft`) no second model is loaded: the teachers are views of the student's PeftModel
+(`sdft_utils.lora`: adapters off, an EMA adapter, or the student's adapter).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from sdft_utils.distributed import local_parameters
 from sdft_utils.errors import UserInputError
+from sdft_utils.lora import AdapterTeacher, is_lora_model, make_lora_teacher
 from sdft_utils.modeling import load_model
 
 TEACHER_KINDS = ["ema", "frozen", "live"]
@@ -28,13 +32,17 @@ def make_teacher(kind: str, student: nn.Module, source: str | Path, dtype: torch
 
     `ema` and `frozen` load a second copy from `source` (the student's starting checkpoint, or `--teacher_model`),
     never a deepcopy, so the same code works when the student is sharded. `live` returns the student itself.
+    A LoRA student gets a view of itself instead (`lora.make_lora_teacher`; `source` and `dtype` are unused).
     """
+    if kind not in TEACHER_KINDS:
+        raise UserInputError(f"--teacher_kind must be one of {TEACHER_KINDS}, got '{kind}'.")
     if kind == "live":
         warnings.warn("teacher_kind=live: the teacher is the current student; the paper found this unstable "
                       "(it diverges). Use it for ablations only.", stacklevel=2)
+    if is_lora_model(student):
+        return make_lora_teacher(kind, student)
+    if kind == "live":
         return extract_model_from_parallel(student)
-    if kind not in TEACHER_KINDS:
-        raise UserInputError(f"--teacher_kind must be one of {TEACHER_KINDS}, got '{kind}'.")
     teacher = load_model(source, dtype=dtype, attn_implementation=attn_implementation)
     check_same_layout(teacher, extract_model_from_parallel(student), source, need_same_parameters=kind == "ema")
     teacher.requires_grad_(False)
@@ -67,7 +75,13 @@ def ema_update_(teacher: nn.Module, student: nn.Module, rate: float) -> None:
 
     Works on whatever each rank holds: whole tensors, or the matching shards when both models are sharded the same
     way (ZeRO-3 partitions, FSDP2 local shards), so it never communicates.
+    A LoRA EMA teacher (`AdapterTeacher`) updates its adapter from the student's adapter only.
     """
+    if isinstance(teacher, AdapterTeacher):
+        targets, student_tensors = teacher.ema_pairs()
+        sources = [p.detach().to(q.dtype) for p, q in zip(student_tensors, targets, strict=True)]
+        torch._foreach_lerp_(targets, sources, rate)
+        return
     teacher_params = local_parameters(teacher)
     student_params = local_parameters(student)
     targets = [teacher_params[name] for name in student_params]

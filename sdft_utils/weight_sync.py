@@ -6,6 +6,8 @@ Every backend consumes the same stream of `(hf_name, full_tensor)` pairs, so ZeR
   in the same order), the pair holds a copy, and the shard is released before the next one;
 - FSDP2 (`DTensor` parameters): `full_tensor()` of one parameter at a time (also a collective).
 So the whole model is never gathered at once: at most one parameter (or one bucket, for backends that send buckets).
+A LoRA model (`--use_peft`) streams its base weights with the adapter merged in, under the base model's names
+(`lora.merged_parameters`), so the engine never needs to know about adapters.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from sdft_utils.lora import is_lora_model, merged_parameters
 
 # wrappers add these to parameter names; vLLM expects the Hugging Face checkpoint names
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -43,6 +47,9 @@ def full_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     Tied weights appear once (named_parameters deduplicates), under the first name (the input embedding)."""
     if hasattr(model, "hf_parameters"):  # Megatron TP shards (sdft_utils.megatron.backend): gathered, HF names
         yield from model.hf_parameters()
+        return
+    if is_lora_model(_unwrap(model)):
+        yield from merged_parameters(_unwrap(model))
         return
     for name, param in _unwrap(model).named_parameters():
         if _is_zero3(param):

@@ -50,6 +50,7 @@ def check_megatron_args(args) -> None:
         "--grpo_lambda > 0": getattr(args, "grpo_lambda", 0) > 0,
         "--mini_batches > 1": getattr(args, "mini_batches", 1) > 1,
         "--teacher_fp32": getattr(args, "teacher_fp32", False),
+        "--use_peft": getattr(args, "use_peft", False),
     }
     named = [flag for flag, used in unsupported.items() if used]
     if named:
