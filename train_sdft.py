@@ -69,6 +69,7 @@ from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
 from sdft_utils.rollout import SamplingConfig
 from sdft_utils.rollout_engines import (
     ROLLOUT_BACKENDS,
+    ROLLOUT_COMPILE_CHOICES,
     VLLM_MODES,
     check_rollout_args,
     make_rollout_engine,
@@ -113,6 +114,9 @@ class Args:
                                             "rollout")
     rollout: str = arg("hf", "rollout engine: Hugging Face generate on the training model, or vLLM", "rollout",
                        ROLLOUT_BACKENDS)
+    rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
+                                       "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "
+                                       "compilation fails", "rollout", ROLLOUT_COMPILE_CHOICES)
     vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
                          VLLM_MODES)
     vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")

@@ -71,7 +71,13 @@ from sdft_utils.policy_gradient import (
 from sdft_utils.prompts import tokenize_chat_prompts
 from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
 from sdft_utils.rollout import SamplingConfig
-from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollout_args, make_rollout_engine
+from sdft_utils.rollout_engines import (
+    ROLLOUT_BACKENDS,
+    ROLLOUT_COMPILE_CHOICES,
+    VLLM_MODES,
+    check_rollout_args,
+    make_rollout_engine,
+)
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
 from sdft_utils.verifiers import VERIFIERS, load_reward_fn
@@ -106,6 +112,9 @@ class Args:
     questions_per_step: int = arg(32, "questions per generation batch, over all processes", "rollout")
     generation_batch_size: int | None = arg(None, "sequences per generate() call; None = all at once", "rollout")
     rollout: str = arg("hf", "rollout engine: HF generate on the training model, or vLLM", "rollout", ROLLOUT_BACKENDS)
+    rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
+                                       "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "
+                                       "compilation fails", "rollout", ROLLOUT_COMPILE_CHOICES)
     vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
                          VLLM_MODES)
     vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
