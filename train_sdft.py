@@ -298,7 +298,9 @@ def main() -> None:
             warned_about_truncation = True
 
         # 1. on-policy samples: the student sees the prompt alone
+        rollout_start = time.perf_counter()
         rollouts = rollout.generate(student_prompts, sampling)
+        rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         repeat = args.num_generations
         student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]
@@ -384,6 +386,7 @@ def main() -> None:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": total["completion_tokens"] / seconds,
             "step_seconds": seconds,
+            "rollout_seconds": rollout_seconds,
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }

@@ -292,7 +292,9 @@ def main() -> None:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
+        rollout_start = time.perf_counter()
         rollouts = rollout.generate(prompt_ids, sampling)
+        rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         verdicts = [score(task, text) for task, text in zip([t for t in batch_tasks for _ in range(group)], texts,
                                                              strict=True)]
@@ -393,6 +395,7 @@ def main() -> None:
             "learning_rate": learning_rate,
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
             "step_seconds": seconds,
+            "rollout_seconds": rollout_seconds,
             "epoch": (step + 1) * args.questions_per_step / len(tasks),
         }
         metrics_log.log(metrics, step + 1)

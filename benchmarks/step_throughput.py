@@ -79,7 +79,7 @@ def prepare_inputs(workdir: Path, model: str, completion_length: int, batch: int
     `prompt_length` byte-level tokens; enough rows that no step repeats a prompt."""
     from sdft_utils.testing import save_random_model
 
-    if model in ("tiny", "qwen2-0.4b"):
+    if model in ("tiny", "tiny-49k", "qwen2-0.4b"):
         model_dir = save_random_model(workdir / model, model, min_new_tokens=completion_length, seed=seed)
     else:
         model_dir = Path(model)  # a user folder: lengths are then whatever its EOS gives
@@ -122,19 +122,24 @@ def our_flags(s: Settings) -> list[str]:
                      "--include_environment_feedback", "false", "--max_reprompt_length", "10240"]
 
 
-def run_ours(s: Settings) -> list[float]:
-    """Runs the training script's own main(); returns the seconds of each step from its metrics.jsonl."""
+def run_ours(s: Settings) -> dict:
+    """Runs the training script's own main(); -> per-step seconds, generation seconds and completion lengths from
+    its metrics.jsonl. Checkpoint writing is switched off (TRL's side runs with save_strategy="no")."""
     script = __import__("train_sdft" if s.method == "sdft" else "train_sdpo")
+    script.save_checkpoint = lambda *args, **kwargs: Path(s.output_dir)  # the script saves after its last step
     sys.argv = [script.__file__, *our_flags(s)]
     script.main()
     metrics = [json.loads(line) for line in (Path(s.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [row["step_seconds"] for row in metrics if "step_seconds" in row]
+    steps = [row for row in metrics if "step_seconds" in row]
+    return {"step_seconds": [row["step_seconds"] for row in steps],
+            "rollout_seconds": [row["rollout_seconds"] for row in steps],
+            "completion_length": [row["completion_length"] for row in steps]}
 
 
 # ---------------------------------------------------------------------------------------------------- TRL's side
 
 
-def run_trl(s: Settings) -> list[float]:
+def run_trl(s: Settings) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -161,7 +166,7 @@ def run_trl(s: Settings) -> list[float]:
         gradient_accumulation_steps=1, num_generations=s.generations, max_prompt_length=4 * s.prompt_length + 256,
         max_completion_length=s.completion_length, gradient_checkpointing=s.gradient_checkpointing,
         bf16=dtype == torch.bfloat16, use_cpu=not torch.cuda.is_available(), model_init_kwargs={"dtype": dtype},
-        report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, seed=s.seed,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=s.seed,
         max_grad_norm=1.0, teacher_model_kind="ema", teacher_sync_steps=1,
     )
     timer = StepTimer()
@@ -191,8 +196,22 @@ def run_trl(s: Settings) -> list[float]:
                             reprompt_template=SDPO_REPROMPT)
         trainer = SDPOTrainer(model=s.model_dir, reward_funcs=[reward], args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
+    generation_seconds = []
+    generate = trainer._generate  # time TRL's generation inside its step (HF generate on the training model)
+
+    def timed_generate(*args, **kwargs):
+        _synchronize(torch)
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        _synchronize(torch)
+        generation_seconds.append(time.perf_counter() - start)
+        return out
+
+    trainer._generate = timed_generate
     trainer.train()
-    return timer.seconds
+    lengths = [row["completions/mean_length"] for row in trainer.state.log_history
+               if "completions/mean_length" in row]
+    return {"step_seconds": timer.seconds, "rollout_seconds": generation_seconds, "completion_length": lengths}
 
 
 def _text(completion) -> str:
@@ -228,12 +247,12 @@ def worker(s: Settings) -> dict:
     run = run_ours if s.side == "ours" else run_trl
     if s.track_memory:
         with LiveTensorBytes() as tracker:
-            seconds = run(s)
+            result = run(s)
         peak = tracker.peak
     else:
-        seconds = run(s)
+        result = run(s)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"step_seconds": seconds, "peak_mib": None if peak is None else peak / MiB}
+    return {**result, "peak_mib": None if peak is None else peak / MiB}
 
 
 def launch(s: Settings, timeout: float) -> dict:
@@ -254,14 +273,22 @@ def launch(s: Settings, timeout: float) -> dict:
             "log": done.stderr[-4000:]}
 
 
-def summarize(result: dict, warmup: int, tokens_per_step: int) -> dict:
+def summarize(result: dict, warmup: int, sequences_per_step: int) -> dict:
+    """Means over the steps after `warmup`; tokens/s from the completion lengths each side logged."""
     seconds = result.get("step_seconds") or []
-    timed = seconds[warmup:] or seconds
-    if not timed:
+    timed = slice(warmup, None) if len(seconds) > warmup else slice(None)
+    if not seconds:
         return {}
-    step = statistics.mean(timed)
-    return {"step_s": step, "steps_per_s": 1 / step, "tokens_per_s": tokens_per_step / step,
-            "first_step_s": seconds[0]}
+    step = statistics.mean(seconds[timed])
+    out = {"step_s": step, "steps_per_s": 1 / step, "first_step_s": seconds[0]}
+    rollout = result.get("rollout_seconds") or []
+    if len(rollout) == len(seconds):
+        out["rollout_s"] = statistics.mean(rollout[timed])
+    lengths = result.get("completion_length") or []
+    if len(lengths) == len(seconds):
+        out["completion_length"] = statistics.mean(lengths[timed])
+        out["tokens_per_s"] = sequences_per_step * out["completion_length"] / step
+    return out
 
 
 def compare(options, workdir: Path) -> list[dict]:
@@ -288,8 +315,7 @@ def compare(options, workdir: Path) -> list[dict]:
                                 rollout_compile=options.rollout_compile, seed=options.seed, threads=options.threads)
             start = time.perf_counter()
             result = launch(settings, options.timeout)
-            row = {"method": method, "side": side, **summarize(result, options.warmup,
-                                                                 options.batch * generations * options.completion_length),
+            row = {"method": method, "side": side, **summarize(result, options.warmup, options.batch * generations),
                    "peak_mib": result.get("peak_mib"), "error": result.get("error")}
             if options.memory_run and "error" not in result and result.get("peak_mib") is None:
                 memory = launch(Settings(**{**asdict(settings), "steps": 2, "track_memory": True,
@@ -308,19 +334,19 @@ def compare(options, workdir: Path) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'method':<6} {'side':<5} {'s/step':>8} {'steps/s':>8} {'tokens/s':>10} {'1st step s':>10} "
-              f"{'peak MiB':>9} {'ours/TRL speed':>15} {'ours/TRL memory':>16}")
+    header = (f"{'method':<6} {'side':<5} {'s/step':>8} {'gen s':>7} {'steps/s':>8} {'gen tok/s':>10} {'length':>7} "
+              f"{'1st step s':>10} {'peak MiB':>9} {'ours/TRL speed':>15} {'ours/TRL memory':>16}")
     print(header)
     print("-" * len(header))
     for row in rows:
         if row.get("error"):
             print(f"{row['method']:<6} {row['side']:<5} failed: {row['error']}")
             continue
-
-        print(f"{row['method']:<6} {row['side']:<5} {_cell(row, 'step_s', '.3f', 8)} "
+        print(f"{row['method']:<6} {row['side']:<5} {_cell(row, 'step_s', '.3f', 8)} {_cell(row, 'rollout_s', '.3f', 7)} "
               f"{_cell(row, 'steps_per_s', '.2f', 8)} {_cell(row, 'tokens_per_s', '.0f', 10)} "
-              f"{_cell(row, 'first_step_s', '.2f', 10)} {_cell(row, 'peak_mib', '.0f', 9)} "
-              f"{_cell(row, 'speedup', '.2f', 14)}x {_cell(row, 'memory_ratio', '.2f', 15)}x")
+              f"{_cell(row, 'completion_length', '.1f', 7)} {_cell(row, 'first_step_s', '.2f', 10)} "
+              f"{_cell(row, 'peak_mib', '.1f', 9)} {_cell(row, 'speedup', '.2f', 14)}x "
+              f"{_cell(row, 'memory_ratio', '.2f', 15)}x")
 
 
 def _cell(row: dict, key: str, fmt: str, width: int) -> str:
@@ -332,7 +358,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=["sdft", "sdpo"], default=["sdft", "sdpo"])
-    parser.add_argument("--model", default="tiny", help="tiny (2-layer Llama), qwen2-0.4b (random, gpu_anchor.md "
+    parser.add_argument("--model", default="tiny", help="tiny (2-layer Llama, 259 tokens), tiny-49k (the same with a "
+                                                       "49,152-token vocabulary), qwen2-0.4b (random, gpu_anchor.md "
                                                        "shape) or a model folder")
     parser.add_argument("--batch", type=int, default=4, help="prompts per step (SDPO: questions per step)")
     parser.add_argument("--generations", type=int, default=4, help="SDPO completions per question")

@@ -71,7 +71,8 @@ QWEN2_0P4B = dict(vocab_size=49_152, hidden_size=896, intermediate_size=4864, nu
 
 def save_random_model(path: str | Path, preset: str = "tiny", dtype: torch.dtype = torch.float32,
                       min_new_tokens: int | None = None, seed: int = 0) -> Path:
-    """Write a random model + byte-level tokenizer folder: `tiny` (2-layer Llama, 259 tokens) or `qwen2-0.4b`.
+    """Write a random model + byte-level tokenizer folder: `tiny` (2-layer Llama, 259 tokens), `tiny-49k` (the same
+    with SmolLM2's 49,152-token vocabulary, so the output head weighs as in real models) or `qwen2-0.4b`.
 
     `min_new_tokens` goes into generation_config.json, so every `generate` caller (ours and TRL's) produces
     completions of the same length from a random model, whose EOS would otherwise end them at random.
@@ -81,13 +82,15 @@ def save_random_model(path: str | Path, preset: str = "tiny", dtype: torch.dtype
     path = Path(path)
     if preset == "tiny":
         model = tiny_llama(seed=seed)
+    elif preset == "tiny-49k":
+        model = tiny_llama(vocab_size=QWEN2_0P4B["vocab_size"], seed=seed)
     elif preset == "qwen2-0.4b":
         torch.manual_seed(seed)
         config = Qwen2Config(**QWEN2_0P4B, max_position_embeddings=32_768, bos_token_id=1, eos_token_id=2,
                              pad_token_id=2)
         model = Qwen2ForCausalLM(config)
     else:
-        raise ValueError(f"unknown model preset {preset!r}; choose tiny or qwen2-0.4b")
+        raise ValueError(f"unknown model preset {preset!r}; choose tiny, tiny-49k or qwen2-0.4b")
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2,
                                                min_new_tokens=min_new_tokens)
     model.to(dtype).save_pretrained(path)
