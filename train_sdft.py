@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch
+from sdft_utils.batching import build_distill_batch, to_device
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import load_sdft_dataset, step_indices
@@ -52,9 +52,11 @@ from sdft_utils.losses import (
     chunked_token_divergence,
     completion_loss_mask,
     entropy_quantile_mask,
+    gather_rows,
     importance_weights,
     kl_k3,
     scatter_rows,
+    scored_index,
     sequence_mean_loss,
 )
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
@@ -316,11 +318,14 @@ def main() -> None:
             rows = slice(start, start + args.per_device_batch_size)
             batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                         None if rollout_logprobs is None else rollout_logprobs[rows],
-                                        tokenizer.pad_token_id).to(accelerator.device)
+                                        tokenizer.pad_token_id)
+            # only the loss positions need logits; found on the host, so the GPU never waits to tell us how many
+            loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
+            scored, index = loss_mask.bool(), scored_index(loss_mask)
+            batch, loss_mask, scored, index = batch.to(accelerator.device), *(
+                to_device(tensor, accelerator.device) for tensor in (loss_mask, scored, index))
             with accelerator.accumulate(model):
                 width = batch.num_completion_tokens
-                loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
-                scored = loss_mask.bool()  # only these positions need logits
                 student_hidden = completion_hidden_states(model, batch.student_input_ids,
                                                           batch.student_attention_mask, width)
                 with torch.no_grad():
@@ -329,11 +334,11 @@ def main() -> None:
                 student_weight, student_bias = output_head(model)
                 teacher_weight, teacher_bias = output_head(teacher)
                 divergence = chunked_token_divergence(
-                    student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
-                    batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
-                    alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
-                per_token = scatter_rows(divergence, scored)
+                    gather_rows(student_hidden, index), student_weight, gather_rows(teacher_hidden, index),
+                    teacher_weight, gather_rows(batch.completion_ids, index), student_head_bias=student_bias,
+                    teacher_head_bias=teacher_bias, alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k,
+                    tail_bucket=args.tail_bucket, temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                per_token = scatter_rows(divergence, scored, index)
                 loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask, args.top_entropy_quantile)
                 is_weights, stats = importance_weights(per_token["student_logprobs"], batch.rollout_logprobs,
                                                        loss_mask, mode=args.is_mode, cap=args.is_cap)

@@ -47,12 +47,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch
+from sdft_utils.batching import build_distill_batch, to_device
 from sdft_utils.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.data import step_indices
 from sdft_utils.errors import UserInputError, exit_on_user_error
-from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
+from sdft_utils.losses import chunked_token_divergence, gather_rows, kl_k3, scatter_rows, scored_index
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
     completion_hidden_states,
@@ -325,7 +325,10 @@ def main() -> None:
             rows = slice(start, start + args.per_device_batch_size)
             batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                         None if rollout_logprobs is None else rollout_logprobs[rows],
-                                        tokenizer.pad_token_id).to(accelerator.device)
+                                        tokenizer.pad_token_id)
+            # the completion positions, found on the host: gathering them on the GPU needs no device->host sync
+            index = to_device(scored_index(batch.completion_mask), accelerator.device)
+            batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
                 width, mask = batch.num_completion_tokens, batch.completion_mask.float()
                 scored = mask.bool()
@@ -335,36 +338,38 @@ def main() -> None:
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
                 student_weight, student_bias = output_head(model)
                 divergence = chunked_token_divergence(
-                    student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
-                    batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
-                    alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size)
-                per_token = scatter_rows(divergence, scored)
+                    gather_rows(student_hidden, index), student_weight, gather_rows(teacher_hidden, index),
+                    teacher_weight, gather_rows(batch.completion_ids, index), student_head_bias=student_bias,
+                    teacher_head_bias=teacher_bias, alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k,
+                    tail_bucket=args.tail_bucket, temperature=args.temperature, chunk_size=args.loss_chunk_size)
+                per_token = scatter_rows(divergence, scored, index)
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
                 weights, stats = token_is_weights(current, old, batch.rollout_logprobs, args.is_clip,
                                                   args.rollout_is_clip)
                 policy = None
                 if args.grpo_lambda > 0:  # the hybrid's GRPO part needs log pi(y) with gradients
-                    logprobs = torch.zeros_like(current).masked_scatter(scored, token_logprobs(
-                        student_hidden[scored], student_weight, student_bias, batch.completion_ids[scored],
-                        args.temperature, args.loss_chunk_size))
+                    logprobs = torch.zeros_like(current).flatten().index_put((index,), token_logprobs(
+                        gather_rows(student_hidden, index), student_weight, student_bias,
+                        gather_rows(batch.completion_ids, index), args.temperature,
+                        args.loss_chunk_size)).view_as(current)
                     correction, _ = token_is_weights(old, old, batch.rollout_logprobs, 1.0, args.rollout_is_clip)
-                    policy = clipped_policy_loss(logprobs, old, advantages[rows].to(logprobs.device), correction,
+                    policy = clipped_policy_loss(logprobs, old, to_device(advantages[rows], logprobs.device), correction,
                                                  args.clip_low, args.clip_high)
-                loss = hybrid_loss(per_token["loss"], weights, mask, distill_mask[rows].to(mask.device), policy,
+                loss = hybrid_loss(per_token["loss"], weights, mask, to_device(distill_mask[rows], mask.device), policy,
                                    args.grpo_lambda)
                 accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
                 if accelerator.sync_gradients:  # the last micro-batch of a mini-batch: one optimizer step
                     if args.max_grad_norm > 0:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
+                        # kept on the device: float() here would make the CPU wait for the GPU mid-step
+                        grad_norms.append(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
                     learning_rate = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
             with torch.no_grad():
-                loss_mask = mask * distill_mask[rows].to(mask.device).unsqueeze(-1)
+                loss_mask = mask * to_device(distill_mask[rows], mask.device).unsqueeze(-1)
                 sums += torch.stack([
                     loss.detach().double(), (per_token["loss"].detach() * loss_mask).sum().double(),
                     (kl_k3(current, per_token["teacher_logprobs"]) * loss_mask).sum().double(),
@@ -389,11 +394,11 @@ def main() -> None:
             "reward/mean": accelerator.reduce(rewards.mean().to(accelerator.device), reduction="mean").item(),
             **{f"reprompt/{name}": value for name, value in reprompt_stats.items()},
             "reprompt/truncated": truncated,
-            "is/policy_mean": sum(s["is_policy_mean"] for s in is_stats) / len(is_stats),
-            "is/rollout_mean": sum(s["is_rollout_mean"] for s in is_stats) / len(is_stats),
+            "is/policy_mean": float(sum(s["is_policy_mean"] for s in is_stats) / len(is_stats)),
+            "is/rollout_mean": float(sum(s["is_rollout_mean"] for s in is_stats) / len(is_stats)),
             "completion_length": global_sums[5] / len(student_prompts) / world,
             "learning_rate": learning_rate,
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            "grad_norm": float(sum(grad_norms) / len(grad_norms)) if grad_norms else None,
             "step_seconds": seconds,
             "rollout_seconds": rollout_seconds,
             "epoch": (step + 1) * args.questions_per_step / len(tasks),

@@ -493,10 +493,30 @@ def kl_k3(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
     return torch.expm1(r) - r  # expm1 keeps precision when r ≈ 0
 
 
-def scatter_rows(divergence: TokenDivergence, scored: Tensor) -> dict[str, Tensor]:
-    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere)."""
+def scored_index(mask: Tensor) -> Tensor:
+    """(B, T) mask -> (N,) flat positions (into B*T) of its nonzero entries.
+
+    Compute it on the host, before the batch moves to the GPU: gathering with an index needs no device->host sync,
+    while indexing with a boolean mask on the GPU must sync to learn N.
+    """
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def gather_rows(values: Tensor, index: Tensor) -> Tensor:
+    """(B, T, ...) -> (N, ...): the positions `index` (from `scored_index`) of the flattened first two dims."""
+    return values.flatten(0, 1).index_select(0, index)
+
+
+def scatter_rows(divergence: TokenDivergence, scored: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere). `scored` is the (B, T)
+    mask (only its shape is used when `index`, from `scored_index`, is given: then there is no device->host sync)."""
     out = {}
     for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
         values = getattr(divergence, name)
-        out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+        if index is None:
+            out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored,
+                                                                                                         values)
+        else:
+            flat = torch.zeros(scored.numel(), dtype=values.dtype, device=values.device)
+            out[name] = flat.index_put((index,), values).view(scored.shape)  # out of place: keeps the autograd graph
     return out
