@@ -161,6 +161,7 @@ def check_steps(report: Report, sizes: Sizes, peak: float, budget: Budget, workd
                               dtype="auto", gradient_checkpointing=False, rollout_compile="auto",
                               memory_run=not torch.cuda.is_available(), seed=0,
                               threads=None if torch.cuda.is_available() else 1,
+                              clock="wall" if torch.cuda.is_available() else "cpu",
                               timeout=max(30.0, budget.left() / 4 - 10))
     rows = step_throughput.compare(options, workdir)
     with torch.device("meta"):

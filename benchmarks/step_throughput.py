@@ -67,6 +67,7 @@ class Settings:
     rollout_compile: str
     seed: int
     threads: int | None = None  # CPU threads per side (None = torch's default)
+    clock: str = "wall"  # wall | cpu (process time)
     track_memory: bool = False
 
 
@@ -242,6 +243,10 @@ def worker(s: Settings) -> dict:
 
     if s.threads:
         torch.set_num_threads(s.threads)
+    if s.clock == "cpu":
+        # both sides time their steps with time.perf_counter (ours in the script, TRL's in StepTimer): make it the
+        # process's CPU time, which a busy shared machine does not inflate the way it inflates wall time
+        time.perf_counter = time.process_time
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = run_ours if s.side == "ours" else run_trl
@@ -312,7 +317,8 @@ def compare(options, workdir: Path) -> list[dict]:
                                 generations=generations, prompt_length=options.prompt_length,
                                 completion_length=options.completion_length, steps=options.steps,
                                 dtype=options.dtype, gradient_checkpointing=options.gradient_checkpointing,
-                                rollout_compile=options.rollout_compile, seed=options.seed, threads=options.threads)
+                                rollout_compile=options.rollout_compile, seed=options.seed, threads=options.threads,
+                                clock=options.clock)
             start = time.perf_counter()
             result = launch(settings, options.timeout)
             row = {"method": method, "side": side, **summarize(result, options.warmup, options.batch * generations),
@@ -376,6 +382,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per side; default 1 without a GPU: on a shared 2-core machine two OpenMP "
                              "threads wait on each other and make small matmuls ~100x slower")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                        help="what a step's seconds are: wall time, or the process's CPU time (default without a "
+                             "GPU, where other jobs on a shared machine inflate wall time by 2x or more)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per side")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -389,12 +398,14 @@ def main() -> None:
 
     if options.threads is None and not torch.cuda.is_available():
         options.threads = 1
+    if options.clock is None:
+        options.clock = "wall" if torch.cuda.is_available() else "cpu"
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {options.threads} thread(s) per side"
     print(f"step throughput: model {options.model}, {options.batch} prompts/step (SDPO x {options.generations}), "
           f"prompt ~{options.prompt_length} + {options.completion_length} generated tokens, {options.steps} steps "
           f"(first {options.warmup} not timed), dtype {options.dtype}, gradient checkpointing "
-          f"{options.gradient_checkpointing}, {device}, torch {torch.__version__}", flush=True)
+          f"{options.gradient_checkpointing}, {device}, {options.clock} clock, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="step_bench_") as workdir:
         rows = compare(options, Path(workdir))
     print_table(rows)
