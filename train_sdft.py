@@ -255,7 +255,8 @@ def main() -> None:
         accelerator.register_for_checkpointing(teacher)
     rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                              top_p=args.top_p, num_samples=args.num_generations)
+                              top_p=args.top_p, num_samples=args.num_generations,
+                              logprobs=args.rollout != "hf")  # HF samples from the training weights: no IS needed
 
     start_step = 0
     if resume_path is not None:

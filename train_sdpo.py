@@ -253,7 +253,10 @@ def main() -> None:
         accelerator.register_for_checkpointing(teacher)
     rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)  # --rollout hf | vllm
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                              top_p=args.top_p, num_samples=group)
+                              top_p=args.top_p, num_samples=group,
+                              # HF samples from the training weights: its log-probs only serve as pi_old for later
+                              # mini-batches
+                              logprobs=args.rollout != "hf" or args.mini_batches > 1)
 
     start_step = 0
     if resume_path is not None:

@@ -15,7 +15,7 @@ Peak memory is the extra memory allocated during forward + backward (inputs excl
 torch.cuda.max_memory_allocated, on CPU from a TorchDispatchMode that tracks live tensor storages (a separate,
 untimed run, because the tracking slows every op down).
 
-    .venv/bin/python benchmarks/loss_memory.py            # CPU: vocab 151,936, hidden 64, 512-2048 tokens, ~3 min
+    OMP_NUM_THREADS=1 python benchmarks/loss_memory.py   # CPU: vocab 151,936, hidden 64, 512-2048 tokens, CPU time
     .venv/bin/python benchmarks/loss_memory.py --full     # 512 ... 8,192 tokens, hidden 896 (Qwen2.5-0.5B head)
     python benchmarks/loss_memory.py --mode topk --alpha 0.5 --dtype bfloat16   # GPU: the SDPO loss, bf16 inputs
 On a GPU the defaults are the full sweep.
@@ -114,12 +114,15 @@ def measure(fn: Callable[..., TokenDivergence], inputs: dict, device: str, repea
         # The warm-up doubles as the memory run: tracking slows every op, so it must stay out of the timing.
         with LiveTensorBytes() as tracker:
             step()
-    start = time.perf_counter()
+    # On a CPU: the process's CPU time, which other jobs on a shared machine do not inflate (with one thread it is
+    # the wall time of an idle machine)
+    clock = time.perf_counter if device == "cuda" else time.process_time
+    start = clock()
     for _ in range(repeats):
         loss = step()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
+    seconds = (clock() - start) / repeats
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else tracker.peak
     return seconds, peak / MiB, loss
 

@@ -30,6 +30,9 @@ class SamplingConfig:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     num_samples: int = 1  # completions per prompt
+    # False when the caller never reads the log-probs (HF rollouts sample from the training weights, so no IS
+    # correction needs them): HF generate then skips a (B, V) log-softmax per token and returns empty lists
+    logprobs: bool = True
 
 
 @dataclass
@@ -72,8 +75,8 @@ class _SampleAndRecord(LogitsProcessor):
     step's log-probabilities (one (B, V) tensor, not one per step) and reads them then.
     """
 
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, record: bool = True):
+        self.temperature, self.top_p, self.record_logprobs = temperature, top_p, record
         self.previous_logprobs: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] = []
 
@@ -87,7 +90,8 @@ class _SampleAndRecord(LogitsProcessor):
             cumulative = sorted_scores.softmax(-1).cumsum(-1)
             drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p  # keep the token that crosses top_p
             scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-        self.previous_logprobs = scores.log_softmax(-1)
+        if self.record_logprobs:
+            self.previous_logprobs = scores.log_softmax(-1)
         return scores
 
     def record(self, last_tokens: torch.Tensor) -> None:
@@ -171,7 +175,7 @@ class HFRollout:
         device = next(model.parameters()).device
         input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(
             prompts, self.pad_token_id, self.prompt_bucket if static else 1))
-        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p)
+        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p, sampling.logprobs)
         compile_options = {}
         if static:
             compile_config = CompileConfig(backend=self.compile_backend, dynamic=False, fullgraph=False,
@@ -198,12 +202,12 @@ class HFRollout:
         new_tokens = output[:, input_ids.shape[1]:]
         recorder.record(new_tokens[:, -1])  # the last sampled token is never fed back
         # one device->host copy per batch (not one per token)
-        sampled_logprobs = torch.stack(recorder.recorded, dim=1).cpu()
+        sampled_logprobs = torch.stack(recorder.recorded, dim=1).cpu() if sampling.logprobs else None
         new_tokens = new_tokens.cpu()
         completions, logprobs = [], []
         for row in range(new_tokens.shape[0]):
             tokens = new_tokens[row].tolist()
             length = next((i + 1 for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
             completions.append(tokens[:length])
-            logprobs.append(sampled_logprobs[row, :length].tolist())
+            logprobs.append([] if sampled_logprobs is None else sampled_logprobs[row, :length].tolist())
         return completions, logprobs

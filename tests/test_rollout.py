@@ -127,3 +127,15 @@ def test_rollout_compile_auto_is_off_on_cpu_and_under_sharding():
 def test_left_pad_rounds_the_width_up():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, multiple_of=4)
     assert ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_rollouts_without_logprobs_sample_the_same_tokens():
+    model = tiny_llama()
+    prompts = [[1, 80, 81, 82, 83], [1, 90]]
+    torch.manual_seed(3)
+    recorded = HFRollout(model, 2, [2]).generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.8))
+    torch.manual_seed(3)
+    skipped = HFRollout(model, 2, [2]).generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.8,
+                                                                         logprobs=False))
+    assert skipped.completion_ids == recorded.completion_ids
+    assert skipped.logprobs == [[], []] and all(len(row) for row in recorded.logprobs)
