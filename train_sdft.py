@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch
+from sdft_utils.batching import build_distill_batch, to_device
 from sdft_utils.checkpoint import (
     BestCheckpoint,
     choose_eval_metric,
@@ -68,9 +68,11 @@ from sdft_utils.losses import (
     chunked_token_divergence,
     completion_loss_mask,
     entropy_quantile_mask,
+    gather_rows,
     importance_weights,
     kl_k3,
     scatter_rows,
+    scored_index,
     sequence_mean_loss,
 )
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
@@ -87,6 +89,7 @@ from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
 from sdft_utils.rollout import SamplingConfig, prompt_seeds
 from sdft_utils.rollout_engines import (
     ROLLOUT_BACKENDS,
+    ROLLOUT_COMPILE_CHOICES,
     VLLM_MODES,
     check_rollout_args,
     make_rollout_engine,
@@ -135,6 +138,9 @@ class Args:
                                             "rollout")
     rollout: str = arg("hf", "rollout engine: Hugging Face generate on the training model, or vLLM", "rollout",
                        ROLLOUT_BACKENDS)
+    rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
+                                       "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "
+                                       "compilation fails", "rollout", ROLLOUT_COMPILE_CHOICES)
     vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
                          VLLM_MODES)
     vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
@@ -305,7 +311,8 @@ def main() -> None:
     divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
     metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same totals
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                              top_p=args.top_p, num_samples=args.num_generations)
+                              top_p=args.top_p, num_samples=args.num_generations,
+                              logprobs=args.rollout != "hf")  # HF samples from the training weights: no IS needed
 
     start_step = 0
     if resume_path is not None:
@@ -357,8 +364,10 @@ def main() -> None:
             warned_about_truncation = True
 
         # 1. on-policy samples: the student sees the prompt alone
+        rollout_start = time.perf_counter()
         # per-prompt seeds: the same samples whether the step runs on 1 process or N
         rollouts = rollout.generate(student_prompts, sampling, prompt_seeds(args.seed, step, positions))
+        rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         repeat = args.num_generations
         student_prompts = [ids for ids in student_prompts for _ in range(repeat)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(repeat)]
@@ -374,11 +383,14 @@ def main() -> None:
             rows = slice(start, start + args.per_device_batch_size)
             batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                         None if rollout_logprobs is None else rollout_logprobs[rows],
-                                        tokenizer.pad_token_id).to(accelerator.device)
+                                        tokenizer.pad_token_id)
+            # only the loss positions need logits; found on the host, so the GPU never waits to tell us how many
+            loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
+            scored, index = loss_mask.bool(), scored_index(loss_mask)
+            batch, loss_mask, scored, index = batch.to(accelerator.device), *(
+                to_device(tensor, accelerator.device) for tensor in (loss_mask, scored, index))
             with accelerator.accumulate(model):
                 width = batch.num_completion_tokens
-                loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
-                scored = loss_mask.bool()  # only these positions need logits
                 student_hidden = completion_hidden_states(model, batch.student_input_ids,
                                                           batch.student_attention_mask, width)
                 with torch.no_grad():
@@ -387,11 +399,11 @@ def main() -> None:
                 teacher_weight, teacher_bias = gathered_output_head(teacher)
                 # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
                 divergence = run_with_output_head(model, lambda student_weight, student_bias: divergence_fn(
-                    student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
-                    batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
-                    alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size))
-                per_token = scatter_rows(divergence, scored)
+                    gather_rows(student_hidden, index), student_weight, gather_rows(teacher_hidden, index),
+                    teacher_weight, gather_rows(batch.completion_ids, index), student_head_bias=student_bias,
+                    teacher_head_bias=teacher_bias, alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k,
+                    tail_bucket=args.tail_bucket, temperature=args.temperature, chunk_size=args.loss_chunk_size))
+                per_token = scatter_rows(divergence, scored, index)
                 loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask, args.top_entropy_quantile)
                 is_weights, stats = importance_weights(per_token["student_logprobs"], batch.rollout_logprobs,
                                                        loss_mask, mode=args.is_mode, cap=args.is_cap)
@@ -447,6 +459,7 @@ def main() -> None:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_second": total["completion_tokens"] / seconds,
             "step_seconds": seconds,
+            "rollout_seconds": rollout_seconds,
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
         }

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch
+from sdft_utils.batching import build_distill_batch, to_device
 from sdft_utils.checkpoint import (
     BestCheckpoint,
     choose_eval_metric,
@@ -68,7 +68,7 @@ from sdft_utils.distributed import (
 )
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
-from sdft_utils.losses import chunked_token_divergence, kl_k3, scatter_rows
+from sdft_utils.losses import chunked_token_divergence, gather_rows, kl_k3, scatter_rows, scored_index
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
@@ -89,7 +89,13 @@ from sdft_utils.policy_gradient import (
 from sdft_utils.prompts import tokenize_chat_prompts
 from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
 from sdft_utils.rollout import SamplingConfig, prompt_seeds
-from sdft_utils.rollout_engines import ROLLOUT_BACKENDS, VLLM_MODES, check_rollout_args, make_rollout_engine
+from sdft_utils.rollout_engines import (
+    ROLLOUT_BACKENDS,
+    ROLLOUT_COMPILE_CHOICES,
+    VLLM_MODES,
+    check_rollout_args,
+    make_rollout_engine,
+)
 from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
 from sdft_utils.teachers import ema_update_, make_teacher
 from sdft_utils.verifiers import VERIFIERS, load_reward_fn
@@ -128,6 +134,9 @@ class Args:
     questions_per_step: int = arg(32, "questions per generation batch, over all processes", "rollout")
     generation_batch_size: int | None = arg(None, "sequences per generate() call; None = all at once", "rollout")
     rollout: str = arg("hf", "rollout engine: HF generate on the training model, or vLLM", "rollout", ROLLOUT_BACKENDS)
+    rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
+                                       "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "
+                                       "compilation fails", "rollout", ROLLOUT_COMPILE_CHOICES)
     vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a `vllm serve` process (server)", "rollout",
                          VLLM_MODES)
     vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
@@ -303,7 +312,10 @@ def main() -> None:
     divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
     metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same sums
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
-                              top_p=args.top_p, num_samples=group)
+                              top_p=args.top_p, num_samples=group,
+                              # HF samples from the training weights: its log-probs only serve as pi_old for later
+                              # mini-batches
+                              logprobs=args.rollout != "hf" or args.mini_batches > 1)
 
     start_step = 0
     if resume_path is not None:
@@ -350,8 +362,10 @@ def main() -> None:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
 
         # 1-2. G rollouts per question, scored by the verifier
+        rollout_start = time.perf_counter()
         # per-question seeds: the same samples whether the step runs on 1 process or N
         rollouts = rollout.generate(prompt_ids, sampling, prompt_seeds(args.seed, step, positions))
+        rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         verdicts = [score(task, text) for task, text in zip([t for t in batch_tasks for _ in range(group)], texts,
                                                              strict=True)]
@@ -382,7 +396,10 @@ def main() -> None:
             rows = slice(start, start + args.per_device_batch_size)
             batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                         None if rollout_logprobs is None else rollout_logprobs[rows],
-                                        tokenizer.pad_token_id).to(accelerator.device)
+                                        tokenizer.pad_token_id)
+            # the completion positions, found on the host: gathering them on the GPU needs no device->host sync
+            index = to_device(scored_index(batch.completion_mask), accelerator.device)
+            batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
                 width, mask = batch.num_completion_tokens, batch.completion_mask.float()
                 scored = mask.bool()
@@ -392,39 +409,40 @@ def main() -> None:
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
                 # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
                 divergence = run_with_output_head(model, lambda student_weight, student_bias: divergence_fn(
-                    student_hidden[scored], student_weight, teacher_hidden[scored], teacher_weight,
-                    batch.completion_ids[scored], student_head_bias=student_bias, teacher_head_bias=teacher_bias,
-                    alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k, tail_bucket=args.tail_bucket,
-                    temperature=args.temperature, chunk_size=args.loss_chunk_size))
-                per_token = scatter_rows(divergence, scored)
+                    gather_rows(student_hidden, index), student_weight, gather_rows(teacher_hidden, index),
+                    teacher_weight, gather_rows(batch.completion_ids, index), student_head_bias=student_bias,
+                    teacher_head_bias=teacher_bias, alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k,
+                    tail_bucket=args.tail_bucket, temperature=args.temperature, chunk_size=args.loss_chunk_size))
+                per_token = scatter_rows(divergence, scored, index)
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
                 weights, stats = token_is_weights(current, old, batch.rollout_logprobs, args.is_clip,
                                                   args.rollout_is_clip)
                 policy = None
                 if args.grpo_lambda > 0:  # the hybrid's GRPO part needs log pi(y) with gradients
-                    logprobs = torch.zeros_like(current).masked_scatter(scored, run_with_output_head(
-                        model, lambda weight, bias: token_logprobs(student_hidden[scored], weight, bias,
-                                                                   batch.completion_ids[scored], args.temperature,
-                                                                   args.loss_chunk_size)))
+                    logprobs = torch.zeros_like(current).flatten().index_put((index,), run_with_output_head(
+                        model, lambda weight, bias: token_logprobs(
+                            gather_rows(student_hidden, index), weight, bias, gather_rows(batch.completion_ids, index),
+                            args.temperature, args.loss_chunk_size))).view_as(current)
                     correction, _ = token_is_weights(old, old, batch.rollout_logprobs, 1.0, args.rollout_is_clip)
-                    policy = clipped_policy_loss(logprobs, old, advantages[rows].to(logprobs.device), correction,
+                    policy = clipped_policy_loss(logprobs, old, to_device(advantages[rows], logprobs.device), correction,
                                                  args.clip_low, args.clip_high)
-                loss = hybrid_loss(per_token["loss"], weights, mask, distill_mask[rows].to(mask.device), policy,
+                loss = hybrid_loss(per_token["loss"], weights, mask, to_device(distill_mask[rows], mask.device), policy,
                                    args.grpo_lambda)
                 accelerator.backward(loss)  # accelerate divides by the number of accumulation steps
                 if accelerator.sync_gradients:  # the last micro-batch of a mini-batch: one optimizer step
                     if megatron:  # completes the TP/DP gradients, then clips by the global norm
                         grad_norms.append(megatron.clip_grad_norm_(model, args.max_grad_norm))
                     elif args.max_grad_norm > 0:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
+                        # kept on the device: float() here would make the CPU wait for the GPU mid-step
+                        grad_norms.append(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
                     learning_rate = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
             with torch.no_grad():
-                loss_mask = mask * distill_mask[rows].to(mask.device).unsqueeze(-1)
+                loss_mask = mask * to_device(distill_mask[rows], mask.device).unsqueeze(-1)
                 sums += torch.stack([
                     loss.detach().double(), (per_token["loss"].detach() * loss_mask).sum().double(),
                     (kl_k3(current, per_token["teacher_logprobs"]) * loss_mask).sum().double(),
@@ -449,12 +467,13 @@ def main() -> None:
             "reward/mean": accelerator.reduce(rewards.mean().to(accelerator.device), reduction="mean").item(),
             **{f"reprompt/{name}": value for name, value in reprompt_stats.items()},
             "reprompt/truncated": truncated,
-            "is/policy_mean": sum(s["is_policy_mean"] for s in is_stats) / len(is_stats),
-            "is/rollout_mean": sum(s["is_rollout_mean"] for s in is_stats) / len(is_stats),
+            "is/policy_mean": float(sum(s["is_policy_mean"] for s in is_stats) / len(is_stats)),
+            "is/rollout_mean": float(sum(s["is_rollout_mean"] for s in is_stats) / len(is_stats)),
             "completion_length": global_sums[5] / len(student_prompts) / world,
             "learning_rate": learning_rate,
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None,
+            "grad_norm": float(sum(grad_norms) / len(grad_norms)) if grad_norms else None,
             "step_seconds": seconds,
+            "rollout_seconds": rollout_seconds,
             "epoch": (step + 1) * args.questions_per_step / len(tasks),
         }
         eval_due = args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == total_steps)

@@ -24,7 +24,17 @@ class DistillBatch:
         return self.completion_ids.shape[1]
 
     def to(self, device: torch.device) -> DistillBatch:
-        return DistillBatch(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+        return DistillBatch(**{name: None if value is None else to_device(value, device)
+                               for name, value in vars(self).items()})
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> `device`. To a GPU the copy goes through pinned memory without blocking: a plain `.to("cuda")`
+    of pageable memory waits for all queued GPU work, a host-device sync inside the step."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def build_distill_batch(student_prompts: list[list[int]], teacher_prompts: list[list[int]],

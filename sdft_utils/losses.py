@@ -193,15 +193,17 @@ def token_divergence_from_logits(
 
 
 def _logprob_grad(
-    student_logps: Tensor, teacher_logps: Tensor, ids: Tensor, alpha: float, mode: str, top_k: int,
-    tail_bucket: bool,
+    student_logps: Tensor, teacher_logps: Tensor | None, ids: Tensor, alpha: float, mode: str, top_k: int,
+    tail_bucket: bool, teacher_summary: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
     """d loss_n / d log p_s(v) for every token n and vocab entry v, treating the (N, V) log-probs as free variables.
 
     Full mode uses closed forms (derivatives of the divergences w.r.t. s = log p_s):
       forward KL: −p_t;  reverse KL: p_s (s − t + 1);  JSD: (1−α) p_s (s − log M)
     (for the JSD the terms through log M cancel). Top-K/sampled modes differentiate the small (N, K(+1))
-    problem with autograd and scatter the result into an (N, V) zero tensor.
+    problem with autograd and scatter the result into an (N, V) zero tensor; for them `teacher_summary` (from the
+    forward pass: (support, teacher log-probs there) for topk, (teacher token log-probs,) for sampled) replaces
+    the full teacher log-probs, so backward never recomputes the teacher's logits.
     """
     s, t = student_logps, teacher_logps
     if mode == "full":
@@ -215,11 +217,15 @@ def _logprob_grad(
     grad = torch.zeros_like(s)
     if mode == "sampled":
         index = ids.long().unsqueeze(-1)
-        return grad.scatter_(-1, index, s.gather(-1, index) - t.gather(-1, index))
-    support = s.topk(min(top_k, s.shape[-1]), dim=-1).indices
+        t_token = t.gather(-1, index) if teacher_summary is None else teacher_summary[0].unsqueeze(-1)
+        return grad.scatter_(-1, index, s.gather(-1, index) - t_token)
+    if teacher_summary is None:
+        support = s.topk(min(top_k, s.shape[-1]), dim=-1).indices
+        t_support = t.gather(-1, support)
+    else:
+        support, t_support = teacher_summary
     with torch.enable_grad():
         s_support = s.gather(-1, support).requires_grad_()
-        t_support = t.gather(-1, support)
         if tail_bucket:
             s_support_full, t_support = _with_tail_bucket(s_support), _with_tail_bucket(t_support)
         else:
@@ -253,14 +259,17 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, options):  # type: ignore[override]
         alpha, mode, top_k, tail_bucket, temperature, chunk_size = options
-        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids)
         ctx.options = options
-        outputs = []
+        outputs, supports, teacher_on_support = [], [], []
         # One float32 copy of each head for the whole pass (a no-op when already float32).
         s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
         for s_h, t_h, y in zip(s_hidden.split(chunk_size), t_hidden.split(chunk_size), ids.split(chunk_size), strict=True):
             s_logps = _scaled_log_softmax(F.linear(s_h.float(), s_weight32, s_bias32), temperature)
             t_logps = _scaled_log_softmax(F.linear(t_h.float(), t_weight32, t_bias32), temperature)
+            if mode == "topk":  # what backward needs of the teacher, (chunk, K): it then skips the teacher's head
+                support = s_logps.topk(min(top_k, s_logps.shape[-1]), dim=-1).indices
+                supports.append(support)
+                teacher_on_support.append(t_logps.gather(-1, support))
             # Both log-prob tensors are this loop's own, so the no-grad divergence may overwrite t_logps.
             loss, s_token, t_token = _divergence_on_support(s_logps, t_logps, y, alpha, mode, top_k, tail_bucket)
             del t_logps
@@ -268,11 +277,18 @@ class _ChunkedDivergence(torch.autograd.Function):
             del s_logps  # loop variables outlive the iteration: free before the next chunk's logits exist
         loss, s_token, t_token, entropy = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         ctx.mark_non_differentiable(s_token, t_token, entropy)
+        if mode == "topk":
+            summary = (torch.cat(supports), torch.cat(teacher_on_support))
+        elif mode == "sampled":
+            summary = (t_token,)
+        else:
+            summary = ()  # full vocabulary: backward recomputes the teacher chunk by chunk (never all of it at once)
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary)
         return loss, s_token, t_token, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids = ctx.saved_tensors
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary = ctx.saved_tensors
         alpha, mode, top_k, tail_bucket, temperature, chunk_size = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
 
@@ -284,9 +300,13 @@ class _ChunkedDivergence(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             s_h = s_hidden[rows].float()
             s_logps = _scaled_log_softmax(F.linear(s_h, s_weight32, s_bias32), temperature)
-            t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32), temperature)
-            grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
-            del t_logps
+            if summary:
+                grad = _logprob_grad(s_logps, None, ids[rows], alpha, mode, top_k, tail_bucket,
+                                     tuple(part[rows] for part in summary))
+            else:
+                t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32), temperature)
+                grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
+                del t_logps
             grad.mul_(grad_loss[rows].float().unsqueeze(-1))
             # log_softmax backward, in place: dz = (g − p_s Σ_v g) / T.
             row_sum = grad.sum(-1, keepdim=True)
@@ -328,8 +348,9 @@ def chunked_token_divergence(
     logits of all N tokens are never held at once, neither in forward nor in backward. Gradients flow to
     student_hidden and student_head_weight (and bias) only; the teacher inputs are treated as constants.
 
-    Forward keeps only the inputs and the (N,) outputs; backward recomputes each chunk's student and teacher
-    logits (so both heads run twice). Peak extra memory is about four (chunk_size, V) float32 tensors plus a
+    Forward keeps only the inputs and the (N,) outputs (topk mode also the (N, K) support and the teacher's
+    log-probs there); backward recomputes each chunk's student logits, and the teacher's only in full mode (so the
+    student head runs twice, the teacher head twice in full mode and once in topk/sampled mode). Peak extra memory is about four (chunk_size, V) float32 tensors plus a
     float32 copy of the heads when they are not float32 already. Values equal `token_divergence_from_logits`
     on the explicit logits.
     """
@@ -493,10 +514,30 @@ def kl_k3(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
     return torch.expm1(r) - r  # expm1 keeps precision when r ≈ 0
 
 
-def scatter_rows(divergence: TokenDivergence, scored: Tensor) -> dict[str, Tensor]:
-    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere)."""
+def scored_index(mask: Tensor) -> Tensor:
+    """(B, T) mask -> (N,) flat positions (into B*T) of its nonzero entries.
+
+    Compute it on the host, before the batch moves to the GPU: gathering with an index needs no device->host sync,
+    while indexing with a boolean mask on the GPU must sync to learn N.
+    """
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def gather_rows(values: Tensor, index: Tensor) -> Tensor:
+    """(B, T, ...) -> (N, ...): the positions `index` (from `scored_index`) of the flattened first two dims."""
+    return values.flatten(0, 1).index_select(0, index)
+
+
+def scatter_rows(divergence: TokenDivergence, scored: Tensor, index: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere). `scored` is the (B, T)
+    mask (only its shape is used when `index`, from `scored_index`, is given: then there is no device->host sync)."""
     out = {}
     for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
         values = getattr(divergence, name)
-        out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
+        if index is None:
+            out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored,
+                                                                                                         values)
+        else:
+            flat = torch.zeros(scored.numel(), dtype=values.dtype, device=values.device)
+            out[name] = flat.index_put((index,), values).view(scored.shape)  # out of place: keeps the autograd graph
     return out

@@ -20,7 +20,7 @@ from sdft_utils.losses import sequence_mean_loss
 
 
 def token_is_weights(current_logprobs: Tensor, old_logprobs: Tensor, rollout_logprobs: Tensor | None,
-                     cap: float = 2.0, rollout_cap: float = 2.0) -> tuple[Tensor, dict[str, float]]:
+                     cap: float = 2.0, rollout_cap: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
     """(B, T) detached weight min(exp(cur − old), cap) · min(exp(old − rollout), rollout_cap), and the means of the two
     factors. `rollout_logprobs` None = the engine sampled from the training weights (second factor 1). Log-ratios
     are clamped to ±20 before exp, as in the release."""
@@ -30,7 +30,8 @@ def token_is_weights(current_logprobs: Tensor, old_logprobs: Tensor, rollout_log
             correction = torch.ones_like(policy)
         else:
             correction = (old_logprobs.float() - rollout_logprobs.float()).clamp(-20, 20).exp().clamp(max=rollout_cap)
-    stats = {"is_policy_mean": policy.mean().item(), "is_rollout_mean": correction.mean().item()}
+    # 0-d tensors, not floats: .item() here would make the CPU wait for the GPU inside the step
+    stats = {"is_policy_mean": policy.mean(), "is_rollout_mean": correction.mean()}
     return policy * correction, stats
 
 

@@ -14,6 +14,18 @@ from sdft_utils.rollout import HFRollout
 
 ROLLOUT_BACKENDS = ["hf", "vllm"]
 VLLM_MODES = ["colocate", "server"]
+ROLLOUT_COMPILE_CHOICES = ["auto", "on", "off"]
+
+
+def use_compiled_decode(choice: str, accelerator) -> bool:
+    """--rollout_compile: `auto` compiles the HF decode step on a single GPU or under DDP. Not under ZeRO-3/FSDP:
+    their parameters are gathered inside each forward, which a captured CUDA graph would not redo."""
+    if choice not in ROLLOUT_COMPILE_CHOICES:
+        raise UserInputError(f"--rollout_compile must be one of {ROLLOUT_COMPILE_CHOICES}, got '{choice}'")
+    if choice != "auto":
+        return choice == "on"
+    sharded = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+    return accelerator.device.type == "cuda" and not sharded
 
 
 def weight_sync_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
@@ -44,7 +56,8 @@ def check_rollout_args(args) -> None:
 def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eos_token_ids: list[int]):
     """The engine named by --rollout / --vllm_mode, ready to generate from the model's current weights."""
     if args.rollout == "hf":
-        return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, args.generation_batch_size)
+        return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, args.generation_batch_size,
+                         compile_decode=use_compiled_decode(getattr(args, "rollout_compile", "auto"), accelerator))
     dtype = next(accelerator.unwrap_model(model).parameters()).dtype
     if args.vllm_mode == "colocate":
         from sdft_utils.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig

@@ -23,13 +23,17 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+def byte_level_tokenizer(vocab_size: int = 259) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges (259 tokens) and a ChatML chat template.
 
-    Token ids 0-2 are the special tokens; eos = pad = `<|im_end|>` (id 2), as in SmolLM2.
+    Token ids 0-2 are the special tokens; eos = pad = `<|im_end|>` (id 2), as in SmolLM2. A larger `vocab_size`
+    appends filler tokens `<259>`, `<260>`, ... that text never encodes to but a random model may sample (so a
+    benchmark model can have a realistic output head).
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    tokens = SPECIAL_TOKENS + sorted(alphabet)
+    tokens += [f"<{index}>" for index in range(len(tokens), vocab_size)]
+    vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -57,6 +61,40 @@ def save_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool =
     path = Path(path)
     tiny_llama(seed=seed, tie_word_embeddings=tie_word_embeddings).save_pretrained(path)
     byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+# A Qwen2-shaped model of ~0.4B parameters, the shape of research/gpu_anchor.md (SmolLM2's 49,152-token vocabulary)
+QWEN2_0P4B = dict(vocab_size=49_152, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def save_random_model(path: str | Path, preset: str = "tiny", dtype: torch.dtype = torch.float32,
+                      min_new_tokens: int | None = None, seed: int = 0) -> Path:
+    """Write a random model + byte-level tokenizer folder: `tiny` (2-layer Llama, 259 tokens), `tiny-49k` (the same
+    with SmolLM2's 49,152-token vocabulary, so the output head weighs as in real models) or `qwen2-0.4b`.
+
+    `min_new_tokens` goes into generation_config.json, so every `generate` caller (ours and TRL's) produces
+    completions of the same length from a random model, whose EOS would otherwise end them at random.
+    """
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    if preset == "tiny":
+        model = tiny_llama(seed=seed)
+    elif preset == "tiny-49k":
+        model = tiny_llama(vocab_size=QWEN2_0P4B["vocab_size"], seed=seed)
+    elif preset == "qwen2-0.4b":
+        torch.manual_seed(seed)
+        config = Qwen2Config(**QWEN2_0P4B, max_position_embeddings=32_768, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=2)
+        model = Qwen2ForCausalLM(config)
+    else:
+        raise ValueError(f"unknown model preset {preset!r}; choose tiny, tiny-49k or qwen2-0.4b")
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                               min_new_tokens=min_new_tokens)
+    model.to(dtype).save_pretrained(path)
+    byte_level_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
 
 

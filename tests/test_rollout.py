@@ -1,8 +1,16 @@
+import warnings
+from types import SimpleNamespace
+
+import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from sdft_utils.batching import build_distill_batch
+from sdft_utils.errors import UserInputError
 from sdft_utils.modeling import completion_hidden_states
 from sdft_utils.rollout import HFRollout, SamplingConfig, left_pad, right_pad
+from sdft_utils.rollout_engines import use_compiled_decode
 from sdft_utils.testing import tiny_llama
 
 
@@ -43,6 +51,17 @@ def test_sampled_logprobs_match_a_forward_pass_of_the_same_tokens():
         got, _ = right_pad(out.logprobs, 0.0, torch.float64)
         assert (got.exp() <= 1).all()
         torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
+
+
+def test_compiled_decode_records_the_logprobs_of_what_it_samples():
+    model = tiny_llama()
+    prompts = [[1, 80, 81, 82, 83], [1, 90]]
+    rollout = HFRollout(model, 2, [2], compile_decode=True, compile_backend="eager", prompt_bucket=8)
+    out = rollout.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.9))
+    assert rollout.compile_decode
+    expected, mask = reference_logprobs(model, prompts, out.completion_ids, 0.7, 0.9)
+    got, _ = right_pad(out.logprobs, 0.0, torch.float64)
+    torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
 
 
 def test_greedy_picks_the_argmax_token():
@@ -103,3 +122,58 @@ def test_seeded_samples_do_not_depend_on_the_batch():
     torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
     other_step = rollout.generate(prompts, sampling, prompt_seeds(seed=3, step=6, positions=[0, 1, 2]))
     assert other_step.completion_ids != together.completion_ids
+
+
+def test_static_cache_compiled_decode_gives_the_dynamic_paths_tokens_and_logprobs():
+    # The "eager" backend runs torch.compile's graph capture of the static-cache decode step without inductor's
+    # code generation (tens of seconds on a CPU); gpu_check.py runs the inductor + CUDA-graph path on a GPU.
+    model = tiny_llama()
+    prompts = [[1, 80, 81, 82, 83], [1, 90], [1, 70, 71]]  # 3 prompts in chunks of 2: the last chunk is padded
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    dynamic = HFRollout(model, 2, [2], batch_size=2).generate(prompts, sampling)
+    compiled = HFRollout(model, 2, [2], batch_size=2, compile_decode=True, compile_backend="eager", prompt_bucket=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a silent fallback to the dynamic path would make this test meaningless
+        static = compiled.generate(prompts, sampling)
+    assert compiled.compile_decode and hasattr(model, "_compiled_call")  # transformers' compiled decode was used
+    assert static.completion_ids == dynamic.completion_ids
+    for got, expected in zip(static.logprobs, dynamic.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+def test_compiled_decode_falls_back_to_the_dynamic_cache_when_compilation_fails():
+    model = tiny_llama()
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    expected = HFRollout(model, 2, [2]).generate([[1, 70, 71]], sampling)
+    broken = HFRollout(model, 2, [2], compile_decode=True, compile_backend="no_such_backend")
+    with pytest.warns(UserWarning, match="compiled decoding unavailable"):
+        got = broken.generate([[1, 70, 71]], sampling)
+    assert got.completion_ids == expected.completion_ids and not broken.compile_decode
+
+
+def test_rollout_compile_auto_is_off_on_cpu_and_under_sharding():
+    accelerator = Accelerator(cpu=True)
+    assert not use_compiled_decode("auto", accelerator)
+    assert use_compiled_decode("on", accelerator) and not use_compiled_decode("off", accelerator)
+    gpu = SimpleNamespace(device=torch.device("cuda"), distributed_type=DistributedType.NO)
+    zero3 = SimpleNamespace(device=torch.device("cuda"), distributed_type=DistributedType.DEEPSPEED)
+    assert use_compiled_decode("auto", gpu) and not use_compiled_decode("auto", zero3)  # no GPU here: stand-ins
+    with pytest.raises(UserInputError, match="--rollout_compile"):
+        use_compiled_decode("yes", accelerator)
+
+
+def test_left_pad_rounds_the_width_up():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, multiple_of=4)
+    assert ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_rollouts_without_logprobs_sample_the_same_tokens():
+    model = tiny_llama()
+    prompts = [[1, 80, 81, 82, 83], [1, 90]]
+    torch.manual_seed(3)
+    recorded = HFRollout(model, 2, [2]).generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.8))
+    torch.manual_seed(3)
+    skipped = HFRollout(model, 2, [2]).generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.8,
+                                                                         logprobs=False))
+    assert skipped.completion_ids == recorded.completion_ids
+    assert skipped.logprobs == [[], []] and all(len(row) for row in recorded.logprobs)
