@@ -260,7 +260,7 @@ def main() -> None:
 
     # megatron: parallel state first; data is sharded over data-parallel groups (TP ranks share a batch)
     megatron = MegatronBackend(args.tensor_model_parallel_size, args.seed) if args.backend == "megatron" else None
-    world = megatron.data_world if megatron else start_processes().num_processes
+    world = megatron.data_world if megatron else start_processes()
     group = args.num_generations
     if args.questions_per_step % (world * args.mini_batches) or \
             (args.questions_per_step // world // args.mini_batches * group) % args.per_device_batch_size:

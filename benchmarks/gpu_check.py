@@ -11,9 +11,9 @@ end; a check that cannot run prints why instead of stopping the others:
   4. the loss alone at 8,192 completion tokens and a 151,936 vocabulary (`benchmarks/loss_memory.py`): peak memory
      and time of ours, the plain full-logits path and TRL's loss function;
   5. a ZeRO-3 single-GPU SDFT step (accelerate + DeepSpeed), only if deepspeed imports;
-  6. a Megatron-core TP=1 forward/backward step of the same model shape (GPTModel, local layer spec), only if
-     megatron.core imports. (Our Megatron training backend is a separate issue; this checks the library and gives
-     the ceiling it reaches here.)
+  6. with megatron.core: one `train_sdft.py --backend megatron --tensor_model_parallel_size 1` step under torchrun
+     (GPU only), and a Megatron-core TP=1 forward/backward of the same model shape (GPTModel, local layer spec), which
+     checks the library and gives the ceiling it reaches here.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine: installs benchmarks/wheels/*.whl if present
     python benchmarks/gpu_check.py --smoke  # any machine, CPU is fine: tiny sizes, proves every part executes
@@ -266,12 +266,48 @@ def check_zero3(report: Report, sizes: Sizes, budget: Budget, workdir: Path) -> 
                "parameters every forward)")
 
 
-def check_megatron(report: Report, sizes: Sizes, peak: float, budget: Budget) -> None:
+def check_megatron_sdft_step(report: Report, sizes: Sizes, budget: Budget, workdir: Path) -> None:
+    """One `train_sdft.py --backend megatron --tensor_model_parallel_size 1` step under torchrun (GPU only: on a CPU
+    megatron-core needs the test shims, and tests/test_train_megatron.py runs this path there)."""
+    name = "Megatron TP=1 SDFT step"
+    if not torch.cuda.is_available():
+        report.add(name, "skipped", "needs CUDA (CPU: tests/test_train_megatron.py runs it with the shims)")
+        return
+    import step_throughput
+
+    model_dir, data = workdir / sizes.model, workdir / "sdft.jsonl"
+    if not model_dir.exists() or not data.exists():
+        step_throughput.prepare_inputs(workdir, sizes.model, sizes.completion_length, sizes.batch,
+                                       sizes.prompt_length, sizes.steps, seed=0)
+    output = workdir / "megatron"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(ROOT / "train_sdft.py"),
+               "--backend", "megatron", "--tensor_model_parallel_size", "1", "--model", str(model_dir), "--dataset",
+               str(data), "--output_dir", str(output), "--max_steps", "2", "--prompts_per_step", str(sizes.batch),
+               "--per_device_batch_size", str(sizes.batch), "--max_completion_length", str(sizes.completion_length),
+               "--save_steps", "1000000"]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=max(30.0, budget.left() - 20))
+    except subprocess.TimeoutExpired:
+        report.add(name, "timed out")
+        return
+    metrics_file = output / "metrics.jsonl"
+    if done.returncode != 0 or not metrics_file.exists():
+        report.add(name, "failed", _last_error_line(done.stderr + done.stdout))
+        return
+    seconds = [json.loads(line)["step_seconds"] for line in metrics_file.read_text().splitlines()
+               if "step_seconds" in line]
+    report.add(name, f"{seconds[-1]:.2f} s/step", "train_sdft.py --backend megatron under torchrun, steps "
+               f"{', '.join(f'{s:.2f}' for s in seconds)} s (HF rollout from a gathered copy)")
+
+
+def check_megatron(report: Report, sizes: Sizes, peak: float, budget: Budget, workdir: Path) -> None:
     try:
         import megatron.core  # noqa: F401
     except Exception as error:  # noqa: BLE001
         report.add("Megatron TP=1 step", "skipped", f"megatron.core not importable ({type(error).__name__})")
         return
+    check_megatron_sdft_step(report, sizes, budget, workdir)
     command = [sys.executable, str(Path(__file__).resolve()), "--megatron_worker",
                json.dumps({"model": sizes.model, "batch": sizes.megatron_tokens[0],
                            "sequence": sizes.megatron_tokens[1], "peak": peak})]
@@ -392,7 +428,7 @@ def main() -> None:
         checks = [("steps", lambda: check_steps(report, sizes, peak, budget, Path(workdir))),
                   ("loss", lambda: check_loss_memory(report, sizes)),
                   ("zero3", lambda: check_zero3(report, sizes, budget, Path(workdir))),
-                  ("megatron", lambda: check_megatron(report, sizes, peak, budget))]
+                  ("megatron", lambda: check_megatron(report, sizes, peak, budget, Path(workdir)))]
         for name, check in checks:
             if name in options.skip:
                 report.add(name, "skipped", "--skip")

@@ -32,28 +32,27 @@ from sdft_utils.modeling import is_megatron_model, output_head
 T = TypeVar("T")
 
 
-def start_processes() -> PartialState:
-    """Join the process group that `accelerate launch` / torchrun set up; call it before anything else asks.
+def start_processes() -> int:
+    """The number of processes `accelerate launch` / torchrun started; call it before the Accelerator exists.
 
-    Without a GPU the group uses gloo, and DDP is asked for explicitly: accelerate would otherwise quietly run
-    every process as a separate single-process job.
+    Without a GPU the process group is joined here with gloo, and DDP is asked for explicitly: accelerate would
+    otherwise quietly run every process as a separate single-process job. Elsewhere the Accelerator joins it.
     """
-    on_cpu, multi_process = not torch.cuda.is_available(), int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if on_cpu and multi_process:
-        return PartialState(cpu=not _deepspeed_requested(), backend="gloo")
-    return PartialState()
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available() and num_processes > 1:
+        PartialState(cpu=not _deepspeed_requested(), backend="gloo")
+    return num_processes
 
 
 def make_accelerator(gradient_accumulation_steps: int, max_grad_norm: float, micro_batch_size: int,
                      log_with: str | None, project_dir: str) -> Accelerator:
     """The Accelerator for either script, configured by `accelerate launch --config_file ...` as usual."""
-    state = start_processes()
-    on_cpu = state.device.type == "cpu"
-    kwargs_handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and state.num_processes > 1 else []
+    multi_cpu = start_processes() > 1 and not torch.cuda.is_available()
+    kwargs_handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_cpu else []
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, log_with=log_with,
                               project_dir=project_dir, kwargs_handlers=kwargs_handlers,
-                              cpu=on_cpu and state.num_processes > 1 and not _deepspeed_requested())
-    if on_cpu and state.num_processes > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                              cpu=multi_cpu and not _deepspeed_requested())
+    if multi_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _apply_fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         config = accelerator.state.deepspeed_plugin.deepspeed_config
