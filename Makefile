@@ -25,7 +25,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) train_sdft.py
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15  # the slowest tests, to keep CI under budget
 
 lint: setup
 	$(VENV)/bin/ruff check .
