@@ -77,7 +77,7 @@ class Args:
     batch_size: int | None = arg(32, "prompts per HF generate() call; None = a whole benchmark at once",
                                  "generation")
     # engine
-    rollout: str = arg("hf", "engine: Hugging Face generate or vLLM", "engine", ROLLOUT_BACKENDS)
+    rollout: str = arg("hf", "engine: the model itself (Hugging Face forward + KV cache) or vLLM", "engine", ROLLOUT_BACKENDS)
     dtype: str = arg("auto", "auto = bfloat16 on GPU, float32 on CPU", "engine",
                      ["auto", "bfloat16", "float16", "float32"])
     attn_implementation: str | None = arg(None, "HF attention kernel (sdpa, flash_attention_2, eager)", "engine")

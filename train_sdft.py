@@ -136,7 +136,7 @@ class Args:
     num_generations: int = arg(1, "completions sampled per prompt", "rollout")
     generation_batch_size: int | None = arg(None, "prompts per generate() call; None = the whole step at once",
                                             "rollout")
-    rollout: str = arg("hf", "rollout engine: Hugging Face generate on the training model, or vLLM", "rollout",
+    rollout: str = arg("hf", "rollout engine: the training model itself (Hugging Face forward + KV cache), or vLLM", "rollout",
                        ROLLOUT_BACKENDS)
     rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
                                        "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "

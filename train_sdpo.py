@@ -133,7 +133,7 @@ class Args:
     num_generations: int = arg(8, "rollouts per question (G)", "rollout")
     questions_per_step: int = arg(32, "questions per generation batch, over all processes", "rollout")
     generation_batch_size: int | None = arg(None, "sequences per generate() call; None = all at once", "rollout")
-    rollout: str = arg("hf", "rollout engine: HF generate on the training model, or vLLM", "rollout", ROLLOUT_BACKENDS)
+    rollout: str = arg("hf", "rollout engine: the training model itself (Hugging Face forward + KV cache), or vLLM", "rollout", ROLLOUT_BACKENDS)
     rollout_compile: str = arg("auto", "HF rollouts: static KV cache + compiled decode step; auto = on a single GPU "
                                        "or DDP, off on CPU and under ZeRO-3/FSDP; falls back to the dynamic cache if "
                                        "compilation fails", "rollout", ROLLOUT_COMPILE_CHOICES)

@@ -3,13 +3,14 @@
 Every engine has the same two methods, so the training scripts never branch on the backend:
 - `generate(prompt_ids, sampling, seeds=None) -> Rollouts`; with one seed per prompt (`prompt_seeds`) the samples
   of a prompt depend only on its seed, not on which process or generate() batch it lands in, so a run gives the
-  same rollouts on 1 or N processes (HF: counter-based Gumbel-max noise; vLLM colocate: per-request seeds)
-- `sync_weights(model)`: make the engine sample from the model's current weights (a no-op for HF `generate`,
+  same rollouts on 1 or N processes (HF: inverse-CDF sampling at counter-based uniforms; vLLM colocate: per-request
+  seeds)
+- `sync_weights(model)`: make the engine sample from the model's current weights (a no-op for `HFRollout`,
   which samples from the training model itself).
 
-HF `generate` with its default dynamic KV cache is launch-bound on a GPU: every decode step costs ~24 ms whatever the
-batch (research/gpu_anchor.md). `HFRollout(compile_decode=True)` uses a static KV cache and a `torch.compile`d decode
-step instead (7.4x faster on an H200 at batch 8). Compiled graphs are specialised on shapes, so prompts are
+`HFRollout` decodes with its own eager loop over the model's dynamic KV cache. On a GPU that is launch-bound: every
+decode step costs ~24 ms whatever the batch (research/gpu_anchor.md). `HFRollout(compile_decode=True)` uses HF
+`generate` with a static KV cache and a `torch.compile`d decode step instead (7.4x faster on an H200 at batch 8). Compiled graphs are specialised on shapes, so prompts are
 left-padded to a multiple of `prompt_bucket` tokens and batches to a fixed size; the first call of each shape
 compiles (tens of seconds), later ones replay.
 """
@@ -21,9 +22,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from sdft_utils.distributed import holds_shards
 
 
 @dataclass
@@ -80,16 +84,45 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
-def gumbel_noise(row_keys: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """(B,) int64 keys -> (B, V) float32 Gumbel(0, 1) noise that depends only on (key, position, token).
+def uniform_draws(row_keys: torch.Tensor, position: int) -> torch.Tensor:
+    """(B,) int64 keys -> (B,) float64 uniforms in (0, 1) that depend only on (key, position)."""
+    bits = _mix64(_mix64(row_keys * _to_signed(0x9E3779B97F4A7C15) + position))
+    return (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)
 
-    argmax(logprobs + noise) is an exact sample from softmax(logprobs) (the Gumbel-max trick); unlike
-    torch.multinomial, a row's sample does not depend on the other rows of the batch.
+
+def process_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, V) next-token logits -> float32 scores of the sampling distribution: divided by the temperature (0 =
+    greedy: unscaled) and with the tokens outside the top-p nucleus set to -inf."""
+    scores = logits.float()
+    if temperature > 0:
+        scores = scores / temperature
+    if 0 < top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(-1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the token that crosses top_p
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return scores
+
+
+def sample_tokens(scores: torch.Tensor, row_keys: torch.Tensor | None, position: int,
+                  record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, V) processed scores -> ((B,) tokens, (B,) their log-probs or None). `row_keys` None means greedy.
+
+    Sampling inverts the CDF at one counter-based uniform per row: an exact sample whose value depends only on the
+    row's scores, key and position, never on the other rows of the batch (unlike torch.multinomial), and one hash
+    per row instead of one per vocabulary entry.
     """
-    base = _mix64(row_keys * _to_signed(0x9E3779B97F4A7C15) + position)
-    bits = _mix64(base[:, None] + torch.arange(vocab_size, device=row_keys.device))
-    uniform = (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)  # in (0, 1)
-    return (-torch.log(-torch.log(uniform))).float()
+    probs = scores.softmax(-1)
+    if row_keys is None:
+        tokens = scores.argmax(-1)
+    else:
+        cdf = probs.double().cumsum_(-1)
+        targets = uniform_draws(row_keys.to(scores.device), position).unsqueeze(-1) * cdf[:, -1:]
+        # the first token whose CDF exceeds the draw; a token of probability 0 never does
+        tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=scores.shape[-1] - 1)
+    if not record:
+        return tokens, None
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,44 +150,21 @@ def right_pad(sequences: list[list], pad_value, dtype: torch.dtype) -> tuple[tor
 
 
 class _SampleAndRecord(LogitsProcessor):
-    """Applies temperature and top-p, and records the log-probability of each token that gets sampled.
+    """HF `generate`'s hook for the compiled path: processes the scores, picks the token with `sample_tokens` and
+    hands generate a one-hot distribution, so both paths sample alike; records the log-prob of each picked token."""
 
-    The token sampled at step k only appears in `input_ids` at step k+1, so the processor keeps the previous
-    step's log-probabilities (one (B, V) tensor, not one per step) and reads them then.
-    """
-
-    def __init__(self, temperature: float, top_p: float, record: bool = True,
-                 row_keys: torch.Tensor | None = None):
-        self.temperature, self.top_p, self.record_logprobs = temperature, top_p, record
-        self.row_keys = row_keys  # (B,) int64: sample with per-row noise instead of generate's multinomial
+    def __init__(self, temperature: float, top_p: float, row_keys: torch.Tensor | None, record: bool = True):
+        self.temperature, self.top_p, self.row_keys, self.record = temperature, top_p, row_keys, record
         self.position = 0
-        self.previous_logprobs: torch.Tensor | None = None
         self.recorded: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.record(input_ids[:, -1])
-        scores = scores.float()
-        if self.temperature > 0:
-            scores = scores / self.temperature
-        if 0 < self.top_p < 1:
-            sorted_scores, order = scores.sort(dim=-1, descending=True)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop_sorted = cumulative - sorted_scores.softmax(-1) >= self.top_p  # keep the token that crosses top_p
-            scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-        if self.record_logprobs:
-            self.previous_logprobs = scores.log_softmax(-1)
         self.position += 1
-        if self.row_keys is None or self.temperature <= 0:
-            return scores
-        noise = gumbel_noise(self.row_keys.to(scores.device), self.position, scores.shape[-1])
-        chosen = (scores + noise).argmax(-1, keepdim=True)  # Gumbel-max: softmax's normaliser does not matter
-        # generate() then samples from a one-hot distribution: it picks exactly the chosen token
-        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
-
-    def record(self, last_tokens: torch.Tensor) -> None:
-        if self.previous_logprobs is not None:
-            self.recorded.append(self.previous_logprobs.gather(-1, last_tokens[:, None])[:, 0])
-            self.previous_logprobs = None
+        scores = process_scores(scores, self.temperature, self.top_p)
+        tokens, logprobs = sample_tokens(scores, self.row_keys, self.position, self.record)
+        if self.record:
+            self.recorded.append(logprobs)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens.unsqueeze(-1), 0.0)
 
 
 def compile_available(device: torch.device, backend: str = "inductor") -> str | None:
@@ -175,11 +185,11 @@ def compile_available(device: torch.device, backend: str = "inductor") -> str | 
 
 
 class HFRollout:
-    """Sampling with Hugging Face `generate` on the training model itself.
+    """Sampling from the training model itself with a Hugging Face model's forward and KV cache.
 
-    `compile_decode=True`: static KV cache + compiled decode step (`compile_backend`, "inductor" with CUDA graphs
-    on a GPU; "eager" only traces, which the tests use). When compilation is unavailable or fails, it warns once and
-    falls back to the dynamic cache, which samples the same distribution.
+    `compile_decode=True`: HF `generate` with a static KV cache + compiled decode step (`compile_backend`,
+    "inductor" with CUDA graphs on a GPU; "eager" only traces, which the tests use). When compilation is unavailable
+    or fails, it warns once and falls back to the eager loop, which samples the same tokens.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, eos_token_ids: list[int], batch_size: int | None = None,
@@ -199,8 +209,13 @@ class HFRollout:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> Rollouts:
         prompts = [ids for ids in prompt_ids for _ in range(sampling.num_samples)]
-        row_keys = None if seeds is None else torch.tensor(
-            [_to_signed(_splitmix64(seed ^ sample)) for seed in seeds for sample in range(sampling.num_samples)])
+        if sampling.temperature <= 0:
+            row_keys = None  # greedy
+        elif seeds is None:  # unseeded: keys from torch's global generator (torch.manual_seed reproduces them)
+            row_keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(prompts),), dtype=torch.long)
+        else:
+            row_keys = torch.tensor([_to_signed(_splitmix64(seed ^ sample)) for seed in seeds
+                                     for sample in range(sampling.num_samples)])
         step = self.batch_size or len(prompts)
         completions, logprobs = [], []
         for start in range(0, len(prompts), step):
@@ -209,14 +224,14 @@ class HFRollout:
             if self.compile_decode:
                 chunk_ids, chunk_logprobs = self._generate_compiled(chunk, step, sampling, keys)
             else:
-                chunk_ids, chunk_logprobs = self._generate_batch(chunk, sampling, keys)
+                chunk_ids, chunk_logprobs = self._decode(chunk, sampling, keys)
             completions += chunk_ids
             logprobs += chunk_logprobs
         return Rollouts(completions, logprobs, from_training_weights=True)
 
     def _generate_compiled(self, prompts: list[list[int]], batch_size: int, sampling: SamplingConfig,
-                           row_keys: torch.Tensor | None = None):
-        """Static cache + compiled decode; falls back to the dynamic cache (for good) when compilation fails."""
+                           row_keys: torch.Tensor | None):
+        """Static cache + compiled decode; falls back to the eager loop (for good) when compilation fails."""
         device = next(extract_model_from_parallel(self.model).parameters()).device
         reason = compile_available(device, self.compile_backend)
         if reason is None:
@@ -225,54 +240,100 @@ class HFRollout:
             padded_keys = None if row_keys is None else torch.cat(
                 [row_keys, row_keys[:1].expand(batch_size - len(prompts))])
             try:
-                completions, logprobs = self._generate_batch(padded, sampling, padded_keys, static=True)
+                completions, logprobs = self._generate_static(padded, sampling, padded_keys)
                 return completions[:len(prompts)], logprobs[:len(prompts)]
             except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager path
                 reason = f"{type(error).__name__}: {str(error)[:300]}"
-        warnings.warn(f"compiled decoding unavailable ({reason}); using HF generate with a dynamic cache",
-                      stacklevel=3)
+        warnings.warn(f"compiled decoding unavailable ({reason}); using the eager decode loop", stacklevel=3)
         self.compile_decode = False
-        return self._generate_batch(prompts, sampling, row_keys)
+        return self._decode(prompts, sampling, row_keys)
 
-    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig,
-                        row_keys: torch.Tensor | None = None, static: bool = False):
+    def _decode(self, prompts: list[list[int]], sampling: SamplingConfig, row_keys: torch.Tensor | None):
+        """The eager path: prefill, then one forward per new token with the model's dynamic KV cache.
+
+        A plain loop rather than HF `generate`: it computes only the last position's logits, samples with
+        `sample_tokens` and carries nothing else per step (no logits-processor list, stopping criteria or score
+        copies), which makes it about 1.6x faster than `generate` on a CPU (benchmarks/RESULTS.md).
+        """
+        model = extract_model_from_parallel(self.model)
+        device = next(model.parameters()).device
+        input_ids, prompt_mask = (tensor.to(device) for tensor in left_pad(prompts, self.pad_token_id))
+        batch, width = input_ids.shape
+        new_tokens = sampling.max_new_tokens
+        attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, new_tokens)], dim=1)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
+        eos_ids = torch.tensor(self.eos_token_ids, device=device)
+        min_new_tokens = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
+        # ZeRO-3/FSDP2 gather parameters inside each forward, a collective: every process must run as many
+        # forwards as the slowest one, so finishing early is decided together
+        synced = holds_shards(self.model) and dist.is_available() and dist.is_initialized()
+        tokens = torch.full((batch, new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((batch, new_tokens), device=device) if sampling.logprobs else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        feed, cache, generated = input_ids, None, 0
+        was_training = model.training
+        model.eval()
+        try:
+            while generated < new_tokens:
+                output = model(input_ids=feed, attention_mask=attention_mask[:, :width + generated],
+                               position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = output.past_key_values
+                scores = process_scores(output.logits[:, -1], sampling.temperature, sampling.top_p)
+                if generated < min_new_tokens:  # the model folder's generation_config, as HF generate honours it
+                    scores[:, eos_ids] = float("-inf")
+                chosen, chosen_logprobs = sample_tokens(scores, row_keys, generated + 1, sampling.logprobs)
+                tokens[:, generated] = chosen.masked_fill(finished, self.pad_token_id)
+                if logprobs is not None:
+                    logprobs[:, generated] = chosen_logprobs
+                finished |= torch.isin(chosen, eos_ids)
+                generated += 1
+                feed, positions = chosen.unsqueeze(-1), positions[:, -1:] + 1
+                remaining = (~finished).sum()
+                if synced:
+                    dist.all_reduce(remaining)
+                if remaining.item() == 0:  # one host sync per token, as in HF generate's stopping check
+                    break
+        finally:
+            model.train(was_training)
+        return self._split(tokens[:, :generated], None if logprobs is None else logprobs[:, :generated])
+
+    def _generate_static(self, prompts: list[list[int]], sampling: SamplingConfig, row_keys: torch.Tensor | None):
+        """HF `generate` with a static KV cache and transformers' compiled decode step."""
         model = extract_model_from_parallel(self.model)
         device = next(model.parameters()).device
         input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(
-            prompts, self.pad_token_id, self.prompt_bucket if static else 1))
-        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p, sampling.logprobs, row_keys)
-        compile_options = {}
-        if static:
-            compile_config = CompileConfig(backend=self.compile_backend, dynamic=False, fullgraph=False,
-                                           mode="reduce-overhead" if self.compile_backend == "inductor" and
-                                           device.type == "cuda" else None)
-            compile_config._compile_all_devices = device.type != "cuda"  # transformers only auto-compiles on GPUs
-            compile_options = dict(cache_implementation="static", compile_config=compile_config)
-        # temperature/top-p are applied by the recorder; generate's own warpers are turned off so it samples from
-        # exactly the distribution whose log-probabilities are recorded
+            prompts, self.pad_token_id, self.prompt_bucket))
+        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p, row_keys, sampling.logprobs)
+        compile_config = CompileConfig(backend=self.compile_backend, dynamic=False, fullgraph=False,
+                                       mode="reduce-overhead" if self.compile_backend == "inductor" and
+                                       device.type == "cuda" else None)
+        compile_config._compile_all_devices = device.type != "cuda"  # transformers only auto-compiles on GPUs
+        # temperature/top-p are applied by the recorder, which also picks the token (generate's own warpers are off)
         config = GenerationConfig(
-            do_sample=sampling.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
-            max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
-            use_cache=True, **compile_options,
+            do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids, use_cache=True, cache_implementation="static",
+            compile_config=compile_config,
+            min_new_tokens=getattr(model.generation_config, "min_new_tokens", None) or 0,
         )
         was_training = model.training
         model.eval()
         try:
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                logits_processor=LogitsProcessorList([recorder]),
-            )
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                    logits_processor=LogitsProcessorList([recorder]))
         finally:
             model.train(was_training)
         new_tokens = output[:, input_ids.shape[1]:]
-        recorder.record(new_tokens[:, -1])  # the last sampled token is never fed back
-        # one device->host copy per batch (not one per token)
-        sampled_logprobs = torch.stack(recorder.recorded, dim=1).cpu() if sampling.logprobs else None
+        return self._split(new_tokens, torch.stack(recorder.recorded, dim=1) if sampling.logprobs else None)
+
+    def _split(self, new_tokens: torch.Tensor, logprobs: torch.Tensor | None):
+        """(B, T) tokens (+ log-probs) -> per-row lists cut after the first EOS; one device->host copy each."""
         new_tokens = new_tokens.cpu()
-        completions, logprobs = [], []
+        logprobs = None if logprobs is None else logprobs.cpu()
+        completions, completion_logprobs = [], []
         for row in range(new_tokens.shape[0]):
-            tokens = new_tokens[row].tolist()
-            length = next((i + 1 for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
-            completions.append(tokens[:length])
-            logprobs.append([] if sampled_logprobs is None else sampled_logprobs[row, :length].tolist())
-        return completions, logprobs
+            row_tokens = new_tokens[row].tolist()
+            length = next((i + 1 for i, token in enumerate(row_tokens) if token in self.eos_token_ids),
+                          len(row_tokens))
+            completions.append(row_tokens[:length])
+            completion_logprobs.append([] if logprobs is None else logprobs[row, :length].tolist())
+        return completions, completion_logprobs

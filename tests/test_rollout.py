@@ -86,19 +86,35 @@ def test_completions_stop_after_the_first_eos():
         assert tokens.count(2) <= 1 and (2 not in tokens or tokens[-1] == 2)
 
 
-def test_gumbel_max_with_counter_noise_samples_the_softmax():
-    from sdft_utils.rollout import gumbel_noise
+def test_inverse_cdf_sampling_with_counter_uniforms_samples_the_softmax():
+    from sdft_utils.rollout import sample_tokens
 
-    logprobs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log()
+    probs = torch.tensor([0.5, 0.2, 0.0, 0.15, 0.1, 0.05])  # a zero-probability token (top-p cut) is never drawn
     samples = 40_000
     keys = torch.arange(samples, dtype=torch.long) * 7919 - 12345  # negative keys too: all 64 bits are used
-    noise = gumbel_noise(keys, position=3, vocab_size=5)
-    counts = torch.bincount((logprobs + noise).argmax(-1), minlength=5).double()
-    expected = logprobs.exp().double() * samples
-    assert ((counts - expected).abs() <= 4 * expected.sqrt()).all(), counts  # within 4 sigma per token
-    # the noise is a function of (key, position, token) alone: a row computed alone equals the row in a batch
-    assert torch.equal(gumbel_noise(keys[5:6], 3, 5), noise[5:6])
-    assert not torch.equal(gumbel_noise(keys[:100], 4, 5), noise[:100])  # another position, other noise
+    scores = probs.log().expand(samples, -1)
+    tokens, logprobs = sample_tokens(scores, keys, position=3)
+    counts = torch.bincount(tokens, minlength=6).double()
+    expected = probs.double() * samples
+    assert counts[2] == 0
+    assert ((counts - expected).abs() <= 4 * expected.sqrt() + 1e-9).all(), counts  # within 4 sigma per token
+    torch.testing.assert_close(logprobs, probs.log()[tokens])
+    # a row's sample is a function of (its scores, key, position) alone: alone it equals the row in a batch
+    assert torch.equal(sample_tokens(scores[5:6], keys[5:6], 3)[0], tokens[5:6])
+    assert not torch.equal(sample_tokens(scores[:100], keys[:100], 4)[0], tokens[:100])  # another position
+    greedy, _ = sample_tokens(scores[:2], None, 3)
+    assert greedy.tolist() == [0, 0]
+
+
+def test_eager_loop_honours_min_new_tokens_of_the_model_folder():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.bias = None
+        model.lm_head.weight[2] += 100.0 * model.lm_head.weight[2].sign()  # EOS almost surely first
+    model.generation_config.min_new_tokens = 5
+    out = HFRollout(model, 2, [2]).generate([[1, 5, 6], [1, 7]], SamplingConfig(max_new_tokens=8))
+    assert all(len(tokens) >= 6 and 2 not in tokens[:5] for tokens in out.completion_ids)  # EOS held off 5 tokens
+    assert any(tokens[5] == 2 for tokens in out.completion_ids)  # and likely right after
 
 
 def test_seeded_samples_do_not_depend_on_the_batch():
