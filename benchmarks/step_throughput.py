@@ -1,7 +1,7 @@
 """One full training step of our scripts against TRL's trainers: same model, batch, lengths and machine, one run.
 
-A step is what each side does per optimizer step: generate (HF `generate`), teacher forward, student forward,
-divergence, backward, optimizer step, EMA teacher update. Ours is `train_sdft.main()` / `train_sdpo.main()` itself,
+A step is what each side does per optimizer step: generate (TRL: HF `generate`; ours: `HFRollout`'s decode loop),
+teacher forward, student forward, divergence, backward, optimizer step, EMA teacher update. Ours is `train_sdft.main()` / `train_sdpo.main()` itself,
 run in-process with command-line flags (not a re-implementation): its per-step wall time comes from the
 `step_seconds` the script writes to metrics.jsonl. TRL's is `trl.experimental.sdft.SDFTTrainer` /
 `trl.experimental.sdpo.SDPOTrainer`, timed from `on_step_begin` to `on_step_end` (after its EMA callback). Each
@@ -11,8 +11,8 @@ Equal settings: the model folder's generation_config.json sets `min_new_tokens =
 sides generate exactly that many tokens per completion from the random model; the same prompts (and SDFT
 demonstrations), batch, divergence (SDFT: forward KL, full vocabulary, first 3 tokens skipped, EMA 0.01; SDPO:
 JSD alpha 0.5 on the student's top-100 + tail, EMA 0.05, reward = `parity_reward` below), gradient checkpointing,
-dtype and seed. TRL keeps its own generation path (dynamic cache, `disable_compile=True`); ours uses
-`--rollout_compile` (auto = static cache + compiled decode on a GPU, dynamic cache on CPU).
+dtype and seed. TRL keeps its own generation path (HF `generate`, dynamic cache, `disable_compile=True`); ours
+uses `--rollout_compile` (auto = static cache + compiled decode on a GPU, its eager dynamic-cache loop on a CPU).
 
 Peak memory: on a GPU `torch.cuda.max_memory_allocated` over the whole run (weights, teacher, optimizer, step); on
 a CPU the peak of live tensor bytes (`sdft_utils.testing.LiveTensorBytes`) over a separate 2-step run, because
