@@ -423,7 +423,8 @@ def chunked_token_divergence(
 
     When the student needs a gradient, forward also computes each chunk's gradient w.r.t. its student logits,
     (chunk_size, V) float32, and keeps it for backward while the kept total stays within `grad_memory_mib` MiB;
-    backward then only multiplies it with the head and the hidden states (2 head matmuls in all instead of 4-6).
+    backward then only multiplies it with the head and the hidden states (2 head matmuls instead of 4, or 3 in
+    topk/sampled mode).
     Chunks beyond the budget keep only the inputs: backward recomputes their student logits, and the teacher's in
     full mode (topk mode also saves the (N, K) support and the teacher's log-probs there, sampled mode the teacher's
     token log-probs, so that backward skips the teacher's head). `grad_memory_mib=0` always recomputes. Peak extra
