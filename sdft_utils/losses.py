@@ -287,7 +287,8 @@ class _ChunkedDivergence(torch.autograd.Function):
     recomputes the logits in backward for the chunks beyond it.
 
     Forward per chunk: both log-prob tensors, the divergence and, for a kept chunk, the gradient w.r.t. the chunk's
-    student logits for a unit upstream gradient: g = dL/d log p_s (`_logprob_grad`) pushed through log_softmax
+    student logits for a unit upstream gradient: g = dL/d log p_s (`_logprob_grad`, or in full mode
+    `_full_divergence_and_logprob_grad` together with the divergence) pushed through log_softmax
     analytically, dz = (g − p_s Σ_v g) / T. Backward for a kept chunk is two matmuls; for any other chunk it first
     recomputes the student's log-probs (and the teacher's in full mode) to form dz the same way. Upstream gradients
     scale dz per token, so they are applied to the small (chunk, H) factors: d hidden = (dz W) · grad_loss and
@@ -424,13 +425,12 @@ def chunked_token_divergence(
     When the student needs a gradient, forward also computes each chunk's gradient w.r.t. its student logits,
     (chunk_size, V) float32, and keeps it for backward while the kept total stays within `grad_memory_mib` MiB;
     backward then only multiplies it with the head and the hidden states (2 head matmuls instead of 4, or 3 in
-    topk/sampled mode).
-    Chunks beyond the budget keep only the inputs: backward recomputes their student logits, and the teacher's in
-    full mode (topk mode also saves the (N, K) support and the teacher's log-probs there, sampled mode the teacher's
-    token log-probs, so that backward skips the teacher's head). `grad_memory_mib=0` always recomputes. Peak extra
-    memory is the kept gradients (at most the budget, 4·N·V bytes) plus about five (chunk_size, V) float32 tensors
-    plus a float32 copy of the heads when they are not float32 already. Values equal
-    `token_divergence_from_logits` on the explicit logits.
+    topk/sampled mode). Chunks beyond the budget keep only the inputs: backward recomputes their student logits,
+    and the teacher's in full mode (topk mode also saves the (N, K) support and the teacher's log-probs there,
+    sampled mode the teacher's token log-probs, so that backward skips the teacher's head). `grad_memory_mib=0`
+    always recomputes. Peak extra memory is the kept gradients (at most the budget and 4·N·V bytes) plus about
+    five (chunk_size, V) float32 tensors plus a float32 copy of the heads when they are not float32 already.
+    Values equal `token_divergence_from_logits` on the explicit logits, whatever the budget.
     """
     _check_divergence_args(alpha, mode, top_k, temperature)
     if chunk_size < 1:
