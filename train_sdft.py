@@ -35,6 +35,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -173,6 +174,9 @@ class Args:
     top_entropy_quantile: float = arg(1.0, "keep only loss tokens in the top q fraction of student entropy "
                                            "(1.0 = all)", "loss")
     loss_chunk_size: int = arg(512, "tokens per chunk when computing logits and the divergence", "loss")
+    loss_grad_memory_mib: float = arg(1024.0, "MiB of logit gradients kept from forward so that backward "
+                                              "skips recomputing the logits (0 = always recompute; not used by "
+                                              "--backend megatron)", "loss")
     # teacher
     teacher_kind: str = arg("ema", "teacher: EMA of the student, frozen initial model, or the live student",
                             "teacher", TEACHER_KINDS)
@@ -238,6 +242,9 @@ def check_args(args: Args) -> None:
                  "max_prompt_length", "loss_chunk_size", "top_k", "save_steps"):
         if getattr(args, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.loss_grad_memory_mib >= 0:
+        problems.append(f"--loss_grad_memory_mib must be >= 0 (0 = always recompute), got "
+                        f"{args.loss_grad_memory_mib}")
     if problems:
         raise UserInputError("invalid arguments:\n  " + "\n  ".join(problems))
 
@@ -308,7 +315,9 @@ def main() -> None:
         accelerator.register_for_checkpointing(scheduler)
         teacher_state = teacher if args.teacher_kind == "ema" else None  # what checkpoints must carry of the teacher
         rollout = make_rollout_engine(args, model, tokenizer, accelerator, model_path, eos_ids)
-    divergence_fn = megatron.token_divergence if megatron else chunked_token_divergence
+    # Megatron's vocab-parallel loss always recomputes the logits in backward; only the chunked path keeps them.
+    divergence_fn = (megatron.token_divergence if megatron
+                     else partial(chunked_token_divergence, grad_memory_mib=args.loss_grad_memory_mib))
     metric_weight = megatron.metric_weight if megatron else 1.0  # TP ranks hold copies of the same totals
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations,

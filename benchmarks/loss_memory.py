@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["full", "topk", "sampled"], default="full")
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--grad-memory-mib", type=float, default=1024.0,
+                        help="ours: MiB of logit gradients kept from forward (the scripts' --loss_grad_memory_mib; "
+                             "0 = recompute every chunk in backward)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
     parser.add_argument("--repeats", type=int, default=1)
@@ -159,14 +162,15 @@ def main() -> None:
     kwargs = dict(alpha=args.alpha, mode=args.mode, top_k=args.top_k)
     implementations = [name for name in args.implementations if name != "trl" or trl_available()]
     runners = {
-        "ours": lambda inp, h, w: run_chunked(inp, h, w, args.chunk_size, **kwargs),
+        "ours": lambda inp, h, w: run_chunked(inp, h, w, args.chunk_size, grad_memory_mib=args.grad_memory_mib,
+                                              **kwargs),
         "plain": lambda inp, h, w: run_plain(inp, h, w, **kwargs),
         "trl": lambda inp, h, w: run_trl(inp, h, w, **kwargs),
     }
 
     print(
         f"device={args.device} vocab={args.vocab} hidden={hidden} dtype={args.dtype} mode={args.mode} "
-        f"alpha={args.alpha} chunk_size={args.chunk_size} threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"alpha={args.alpha} chunk_size={args.chunk_size} grad_memory_mib={args.grad_memory_mib:g} threads={torch.get_num_threads()} torch={torch.__version__}"
         + ("" if "trl" in implementations or "trl" not in args.implementations else "  (trl not installed)")
     )
     header = f"{'tokens':>7} |" + "|".join(f" {name + ' us/tok':>13} {name + ' MiB':>10} " for name in implementations)

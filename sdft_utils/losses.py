@@ -75,15 +75,17 @@ def _with_tail_bucket(logprobs: Tensor) -> Tensor:
 
 
 def topk_logprobs(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, top_k: int, tail_bucket: bool = True
+    student_logprobs: Tensor, teacher_logprobs: Tensor, top_k: int, tail_bucket: bool = True,
+    support: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Restrict full-vocab log-probs (N, V) to the student's top-K ids -> two (N, K(+1)) normalised log-probs.
 
-    The support is chosen from the detached student distribution. With `tail_bucket` one extra entry holds the
-    remaining mass on each side; without it both sides are renormalised over the K entries.
+    The support is chosen from the detached student distribution (or given: `support`, (N, K) ids the caller already
+    took from it). With `tail_bucket` one extra entry holds the remaining mass on each side; without it both sides
+    are renormalised over the K entries.
     """
-    k = min(top_k, student_logprobs.shape[-1])
-    support = student_logprobs.detach().topk(k, dim=-1).indices
+    if support is None:
+        support = student_logprobs.detach().topk(min(top_k, student_logprobs.shape[-1]), dim=-1).indices
     s = student_logprobs.gather(-1, support)
     t = teacher_logprobs.gather(-1, support)
     if tail_bucket:
@@ -124,13 +126,34 @@ def _full_divergence_no_grad(s: Tensor, t: Tensor, alpha: float) -> Tensor:
     return (1.0 - alpha) * kl_s_m + alpha * kl_t_m
 
 
+def _full_divergence_and_logprob_grad(s: Tensor, t: Tensor, p_s: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Full-vocab divergence (N,) and its gradient dL/ds (N, V) (the closed forms of `_logprob_grad`) in one pass,
+    sharing exp(t), log M and p_s = exp(s) between the two. Overwrites `t`; only reads `p_s`."""
+    if alpha == 0.0:
+        p_t = t.exp()
+        loss = t.sub_(s).mul_(p_t).sum(-1)
+        return loss, p_t.neg_()
+    if alpha == 1.0:
+        grad = t.neg_().add_(s).mul_(p_s)  # p_s (s − t): the loss terms; + p_s makes them the gradient
+        loss = grad.sum(-1)
+        return loss, grad.add_(p_s)
+    log_m = _log_mixture(s, t, alpha)
+    p_t = t.exp()
+    kl_t_m = t.sub_(log_m).mul_(p_t).sum(-1)
+    del p_t
+    grad = log_m.neg_().add_(s).mul_(p_s)  # p_s (s − log M): the KL(p_s‖M) terms, and the gradient / (1 − α)
+    kl_s_m = grad.sum(-1)
+    return (1.0 - alpha) * kl_s_m + alpha * kl_t_m, grad.mul_(1.0 - alpha)
+
+
 def _divergence_on_support(
     student_logps: Tensor, teacher_logps: Tensor, ids: Tensor, alpha: float, mode: str, top_k: int,
-    tail_bucket: bool,
+    tail_bucket: bool, support: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Full-vocab log-probs (N, V) (+ completion ids (N,)) -> (loss, log p_s(y), log p_t(y)), each (N,).
 
-    May overwrite `teacher_logps` (callers pass a tensor of their own that they no longer need).
+    May overwrite `teacher_logps` (callers pass a tensor of their own that they no longer need). `support`: the
+    student's top-K ids when the caller already has them (topk mode).
     """
     student_token = student_logps.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
     teacher_token = teacher_logps.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
@@ -139,7 +162,8 @@ def _divergence_on_support(
     elif mode == "full":
         loss = divergence_from_logprobs(student_logps, teacher_logps, alpha)
     elif mode == "topk":
-        loss = divergence_from_logprobs(*topk_logprobs(student_logps, teacher_logps, top_k, tail_bucket), alpha)
+        loss = divergence_from_logprobs(
+            *topk_logprobs(student_logps, teacher_logps, top_k, tail_bucket, support), alpha)
     else:
         # Surrogate whose gradient is (log p_s(y) − log p_t(y))·∇log p_s(y): the score-function estimator of
         # the reverse-KL gradient with y ~ student.
@@ -248,32 +272,74 @@ def _float_heads(
     )
 
 
-class _ChunkedDivergence(torch.autograd.Function):
-    """Chunked lm_head + divergence whose backward recomputes each chunk's logits instead of storing them.
+def _log_softmax_backward(grad: Tensor, student_probs: Tensor, temperature: float) -> Tensor:
+    """dL/d log p_s (chunk, V) -> dL/d logits (chunk, V) of log_softmax(logits / T): (g − p_s Σ_v g) / T.
 
-    Only the inputs are saved. Backward per chunk: recompute both log-prob tensors, form g = dL/d log p_s
-    (`_logprob_grad`), push it through log_softmax analytically, dz = (g − p_s Σ_v g) / T, then
-    d hidden = dz W and d W += dzᵀ hidden, accumulated in float32.
+    Overwrites both arguments (the result lives in `grad`'s storage).
+    """
+    row_sum = grad.sum(-1, keepdim=True)
+    grad = grad.sub_(student_probs.mul_(row_sum))
+    return grad if temperature == 1.0 else grad.div_(temperature)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Chunked lm_head + divergence that keeps each chunk's logit gradient from forward while a budget allows and
+    recomputes the logits in backward for the chunks beyond it.
+
+    Forward per chunk: both log-prob tensors, the divergence and, for a kept chunk, the gradient w.r.t. the chunk's
+    student logits for a unit upstream gradient: g = dL/d log p_s (`_logprob_grad`, or in full mode
+    `_full_divergence_and_logprob_grad` together with the divergence) pushed through log_softmax
+    analytically, dz = (g − p_s Σ_v g) / T. Backward for a kept chunk is two matmuls; for any other chunk it first
+    recomputes the student's log-probs (and the teacher's in full mode) to form dz the same way. Upstream gradients
+    scale dz per token, so they are applied to the small (chunk, H) factors: d hidden = (dz W) · grad_loss and
+    d W += dzᵀ (hidden · grad_loss), accumulated in float32.
     """
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, options):  # type: ignore[override]
-        alpha, mode, top_k, tail_bucket, temperature, chunk_size = options
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes = options
         ctx.options = options
         outputs, supports, teacher_on_support = [], [], []
+        # needs_input_grad stays True under torch.no_grad(); the caller zeroes the budget there.
+        if not any(ctx.needs_input_grad[:3]):
+            grad_budget_bytes = 0
+        kept_grads, kept_chunks, kept_bytes = [], [], 0
         # One float32 copy of each head for the whole pass (a no-op when already float32).
         s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
-        for s_h, t_h, y in zip(s_hidden.split(chunk_size), t_hidden.split(chunk_size), ids.split(chunk_size), strict=True):
+        chunks = zip(s_hidden.split(chunk_size), t_hidden.split(chunk_size), ids.split(chunk_size), strict=True)
+        for index, (s_h, t_h, y) in enumerate(chunks):
             s_logps = _scaled_log_softmax(F.linear(s_h.float(), s_weight32, s_bias32), temperature)
             t_logps = _scaled_log_softmax(F.linear(t_h.float(), t_weight32, t_bias32), temperature)
+            summary = None
             if mode == "topk":  # what backward needs of the teacher, (chunk, K): it then skips the teacher's head
                 support = s_logps.topk(min(top_k, s_logps.shape[-1]), dim=-1).indices
-                supports.append(support)
-                teacher_on_support.append(t_logps.gather(-1, support))
-            # Both log-prob tensors are this loop's own, so the no-grad divergence may overwrite t_logps.
-            loss, s_token, t_token = _divergence_on_support(s_logps, t_logps, y, alpha, mode, top_k, tail_bucket)
+                summary = (support, t_logps.gather(-1, support))
+                supports.append(summary[0])
+                teacher_on_support.append(summary[1])
+            keep = kept_bytes + s_logps.numel() * s_logps.element_size() <= grad_budget_bytes
+            if keep:
+                student_probs = s_logps.exp()  # shared by the gradient, the entropy and log_softmax's backward
+            # Both log-prob tensors are this loop's own, so the divergence may overwrite t_logps (so any gradient
+            # that reads the teacher comes first).
+            if keep and mode == "full":
+                index_y = y.long().unsqueeze(-1)
+                s_token, t_token = s_logps.gather(-1, index_y).squeeze(-1), t_logps.gather(-1, index_y).squeeze(-1)
+                loss, grad = _full_divergence_and_logprob_grad(s_logps, t_logps, student_probs, alpha)
+            else:
+                if keep:
+                    grad = _logprob_grad(s_logps, t_logps, y, alpha, mode, top_k, tail_bucket, summary)
+                loss, s_token, t_token = _divergence_on_support(s_logps, t_logps, y, alpha, mode, top_k, tail_bucket,
+                                                                None if summary is None else summary[0])
             del t_logps
-            outputs.append((loss, s_token, t_token, _entropy(s_logps)))
+            if keep:
+                entropy = -(student_probs * s_logps).sum(-1)
+                kept_grads.append(_log_softmax_backward(grad, student_probs, temperature))
+                kept_chunks.append(index)
+                kept_bytes += kept_grads[-1].numel() * kept_grads[-1].element_size()
+                del grad, student_probs
+            else:
+                entropy = _entropy(s_logps)
+            outputs.append((loss, s_token, t_token, entropy))
             del s_logps  # loop variables outlive the iteration: free before the next chunk's logits exist
         loss, s_token, t_token, entropy = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         ctx.mark_non_differentiable(s_token, t_token, entropy)
@@ -283,42 +349,49 @@ class _ChunkedDivergence(torch.autograd.Function):
             summary = (t_token,)
         else:
             summary = ()  # full vocabulary: backward recomputes the teacher chunk by chunk (never all of it at once)
-        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary)
+        ctx.num_summary, ctx.kept_chunks = len(summary), kept_chunks
+        # save_for_backward (not ctx attributes) so that the kept gradients are freed once backward has run.
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary, *kept_grads)
         return loss, s_token, t_token, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary = ctx.saved_tensors
-        alpha, mode, top_k, tail_bucket, temperature, chunk_size = ctx.options
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *saved = ctx.saved_tensors
+        summary, kept = saved[:ctx.num_summary], dict(zip(ctx.kept_chunks, saved[ctx.num_summary:], strict=True))
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size, _ = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
 
         s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
         grad_hidden = torch.empty_like(s_hidden) if need_hidden else None
         grad_weight = torch.zeros_like(s_weight32) if need_weight else None
         grad_bias = torch.zeros_like(s_bias32) if need_bias else None
-        for start in range(0, s_hidden.shape[0], chunk_size):
+        for index, start in enumerate(range(0, s_hidden.shape[0], chunk_size)):
             rows = slice(start, start + chunk_size)
             s_h = s_hidden[rows].float()
-            s_logps = _scaled_log_softmax(F.linear(s_h, s_weight32, s_bias32), temperature)
-            if summary:
-                grad = _logprob_grad(s_logps, None, ids[rows], alpha, mode, top_k, tail_bucket,
-                                     tuple(part[rows] for part in summary))
+            if index in kept:
+                grad_logits = kept[index]
             else:
-                t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32), temperature)
-                grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
-                del t_logps
-            grad.mul_(grad_loss[rows].float().unsqueeze(-1))
-            # log_softmax backward, in place: dz = (g − p_s Σ_v g) / T.
-            row_sum = grad.sum(-1, keepdim=True)
-            grad_logits = grad.sub_(s_logps.exp_().mul_(row_sum)).div_(temperature)
-            del s_logps
+                s_logps = _scaled_log_softmax(F.linear(s_h, s_weight32, s_bias32), temperature)
+                if summary:
+                    grad = _logprob_grad(s_logps, None, ids[rows], alpha, mode, top_k, tail_bucket,
+                                         tuple(part[rows] for part in summary))
+                else:
+                    t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32),
+                                                  temperature)
+                    grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
+                    del t_logps
+                grad_logits = _log_softmax_backward(grad, s_logps.exp_(), temperature)
+                del grad, s_logps
+            # dz for the upstream gradient is grad_logits · grad_loss per row: scaling the (chunk, H) factors costs
+            # no pass over (chunk, V).
+            scale = grad_loss[rows].float().unsqueeze(-1)
             if need_hidden:
-                grad_hidden[rows] = (grad_logits @ s_weight32).to(s_hidden.dtype)
+                grad_hidden[rows] = ((grad_logits @ s_weight32) * scale).to(s_hidden.dtype)
             if need_weight:
-                grad_weight.addmm_(grad_logits.T, s_h)
+                grad_weight.addmm_(grad_logits.T, s_h * scale)
             if need_bias:
-                grad_bias.add_(grad_logits.sum(0))
-            del grad, grad_logits  # free before the next chunk's logits exist
+                grad_bias.add_(scale.squeeze(-1) @ grad_logits)
+            del grad_logits  # free before the next chunk's logits exist
         if grad_weight is not None:
             grad_weight = grad_weight.to(s_weight.dtype)
         if grad_bias is not None:
@@ -341,22 +414,29 @@ def chunked_token_divergence(
     tail_bucket: bool = True,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    grad_memory_mib: float = 1024,
 ) -> TokenDivergence:
     """Memory-lean path: hidden states (N, H) of the completion positions and the lm_head weights (V, H).
 
     Computes logits = hidden @ weight.T (+bias) chunk by chunk over the N tokens in float32, so that full-vocab
-    logits of all N tokens are never held at once, neither in forward nor in backward. Gradients flow to
-    student_hidden and student_head_weight (and bias) only; the teacher inputs are treated as constants.
+    logits of all N tokens are never held at once. Gradients flow to student_hidden and student_head_weight (and
+    bias) only; the teacher inputs are treated as constants.
 
-    Forward keeps only the inputs and the (N,) outputs (topk mode also the (N, K) support and the teacher's
-    log-probs there); backward recomputes each chunk's student logits, and the teacher's only in full mode (so the
-    student head runs twice, the teacher head twice in full mode and once in topk/sampled mode). Peak extra memory is about four (chunk_size, V) float32 tensors plus a
-    float32 copy of the heads when they are not float32 already. Values equal `token_divergence_from_logits`
-    on the explicit logits.
+    When the student needs a gradient, forward also computes each chunk's gradient w.r.t. its student logits,
+    (chunk_size, V) float32, and keeps it for backward while the kept total stays within `grad_memory_mib` MiB;
+    backward then only multiplies it with the head and the hidden states (2 head matmuls instead of 4, or 3 in
+    topk/sampled mode). Chunks beyond the budget keep only the inputs: backward recomputes their student logits,
+    and the teacher's in full mode (topk mode also saves the (N, K) support and the teacher's log-probs there,
+    sampled mode the teacher's token log-probs, so that backward skips the teacher's head). `grad_memory_mib=0`
+    always recomputes. Peak extra memory is the kept gradients (at most the budget and 4·N·V bytes) plus about
+    five (chunk_size, V) float32 tensors plus a float32 copy of the heads when they are not float32 already.
+    Values equal `token_divergence_from_logits` on the explicit logits, whatever the budget.
     """
     _check_divergence_args(alpha, mode, top_k, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not grad_memory_mib >= 0:
+        raise ValueError(f"grad_memory_mib must be >= 0, got {grad_memory_mib}")
     n = student_hidden.shape[0]
     if student_hidden.dim() != 2 or teacher_hidden.shape[0] != n or completion_ids.shape != (n,):
         raise ValueError(
@@ -368,7 +448,12 @@ def chunked_token_divergence(
             f"student and teacher heads must share the vocabulary, got {student_head_weight.shape[0]} "
             f"and {teacher_head_weight.shape[0]} rows"
         )
-    options = (alpha, mode, top_k, tail_bucket, temperature, chunk_size)
+    # Inside Function.forward needs_input_grad stays True under torch.no_grad(), so grad mode is checked here: with
+    # no backward to come, computing and keeping logit gradients would be wasted work and memory.
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_head_weight, student_head_bias))
+    grad_budget_bytes = int(grad_memory_mib * 2**20) if wants_grad else 0
+    options = (alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes)
     # Detaching the teacher inputs makes "teacher gets no gradient" structural, not a convention of backward.
     teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
     loss, student_logprobs, teacher_logprobs, entropy = _ChunkedDivergence.apply(

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sdft_utils import losses
 from sdft_utils.losses import (
     TokenDivergence,
     chunked_token_divergence,
@@ -369,6 +370,118 @@ def test_chunked_without_grad_and_empty_input():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Logit gradients kept from forward (grad_memory_mib)
+
+# n=10 tokens in chunks of 4 -> chunks of 4, 4 and 2 tokens; one kept chunk holds 4·V float32 logit gradients.
+KEPT_N, KEPT_CHUNK = 10, 4
+ONE_CHUNK_MIB = KEPT_CHUNK * V * 4 / 2**20  # exactly the first chunk fits; adding the second or third would not
+BUDGETS = {"recompute-all": 0.0, "keep-first-chunk": ONE_CHUNK_MIB, "keep-all": 1024.0}
+KEPT_CASES = [(a, "full", True) for a in (0.0, 0.5, 1.0)] + [(a, "topk", True) for a in (0.0, 0.5, 1.0)]
+KEPT_CASES += [(0.5, "topk", False), (1.0, "sampled", True)]
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS), ids=str)
+@pytest.mark.parametrize("case", KEPT_CASES, ids=case_id)
+def test_kept_logit_gradients_match_hand_computation(case, budget):
+    """Whatever the budget (every chunk recomputed, some kept, all kept), values and gradients are the same."""
+    alpha, mode, tail = case
+    kwargs = dict(alpha=alpha, mode=mode, top_k=K, tail_bucket=tail, temperature=0.8)
+    inputs = head_inputs(seed=17, n=KEPT_N, h=5, v=V, bias=True)
+    student_keys = ("student_hidden", "student_head_weight", "student_head_bias")
+    for key in student_keys:
+        inputs[key].requires_grad_()
+    weights = torch.rand(KEPT_N, generator=torch.Generator().manual_seed(18)) + 0.5  # a different grad per token
+
+    out = chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, grad_memory_mib=BUDGETS[budget], **kwargs)
+    (out.loss * weights).sum().backward()
+
+    leaves = {key: inputs[key].detach().double().requires_grad_() for key in student_keys}
+    s_logits = leaves["student_hidden"] @ leaves["student_head_weight"].T + leaves["student_head_bias"]
+    t_logits = inputs["teacher_hidden"].double() @ inputs["teacher_head_weight"].double().T
+    t_logits = t_logits + inputs["teacher_head_bias"].double()
+    expected = hand_divergence(s_logits, t_logits, inputs["completion_ids"], alpha, mode, K, tail, 0.8)
+    (expected * weights.double()).sum().backward()
+    torch.testing.assert_close(out.loss.double(), expected.detach(), atol=1e-5, rtol=1e-4)
+    for key in student_keys:
+        torch.testing.assert_close(inputs[key].grad.double(), leaves[key].grad, atol=1e-5, rtol=1e-4)
+        assert leaves[key].grad.abs().max() > 1e-3
+    # The per-token outputs (the kept path computes the entropy from its own exp(s)) against the reference path.
+    ref, _ = reference_from_heads(inputs, **kwargs)
+    for field in ("student_logprobs", "teacher_logprobs", "student_entropy"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["full", "topk"])
+def test_kept_logit_gradients_spare_backward_the_head_matmuls(mode, monkeypatch):
+    """Backward runs the head (F.linear) only for the chunks whose gradient did not fit in the budget: per
+    recomputed chunk twice in full mode (student and teacher), once in topk mode (the teacher's part is saved)."""
+    heads_per_chunk = 2 if mode == "full" else 1
+    expected_calls = {"recompute-all": 3 * heads_per_chunk, "keep-first-chunk": 2 * heads_per_chunk, "keep-all": 0}
+    linear, counted = F.linear, []
+
+    def counting_linear(*args, **kwargs):
+        counted.append(1)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counting_linear)
+    for budget, calls in expected_calls.items():
+        inputs = head_inputs(seed=19, n=KEPT_N, h=5, v=V, bias=False)
+        inputs["student_hidden"].requires_grad_()
+        out = chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, grad_memory_mib=BUDGETS[budget], mode=mode,
+                                       alpha=0.5, top_k=K)
+        assert len(counted) == 6  # forward: student and teacher head for each of the 3 chunks
+        counted.clear()
+        out.loss.sum().backward()
+        assert len(counted) == calls, budget
+        counted.clear()
+
+
+def test_nothing_is_kept_when_no_gradient_can_be_asked_for(monkeypatch):
+    """Under no_grad / inference_mode, or with no student input requiring a gradient, forward computes no logit
+    gradient at all (Function.forward sees needs_input_grad True under no_grad, so this is checked outside it)."""
+    calls = []
+
+    def spy(function):
+        return lambda *args, **kw: calls.append(function.__name__) or function(*args, **kw)
+
+    for name in ("_logprob_grad", "_full_divergence_and_logprob_grad"):
+        monkeypatch.setattr(losses, name, spy(getattr(losses, name)))
+    inputs = head_inputs(seed=20, n=KEPT_N, h=5, v=V, bias=False)
+    for mode in ("full", "topk"):
+        chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, mode=mode, alpha=0.5)  # no input requires grad
+        inputs["student_head_weight"].requires_grad_()
+        with torch.no_grad():
+            no_grad = chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, mode=mode, alpha=0.5)
+        with torch.inference_mode():
+            chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, mode=mode, alpha=0.5)
+        assert calls == [] and no_grad.loss.grad_fn is None
+        with_grad = chunked_token_divergence(**inputs, chunk_size=KEPT_CHUNK, mode=mode, alpha=0.5)
+        assert len(calls) == 3  # one per chunk: the spy does see the kept path
+        torch.testing.assert_close(with_grad.loss.detach(), no_grad.loss, atol=1e-6, rtol=1e-6)
+        calls.clear()
+        inputs["student_head_weight"].requires_grad_(False)
+
+
+def test_kept_logit_gradients_are_freed_by_backward():
+    """The kept gradients are saved tensors: backward releases them even while the outputs are still referenced."""
+    inputs = head_inputs(seed=21, n=64, h=4, v=512, bias=False)
+    inputs["student_head_weight"].requires_grad_()
+    kept_bytes = 64 * 512 * 4
+    with LiveTensorBytes() as tracker:
+        out = chunked_token_divergence(**inputs, chunk_size=16, alpha=0.5)
+        before_backward = tracker.live
+        out.loss.sum().backward()
+        after_backward = tracker.live
+    assert before_backward >= kept_bytes
+    assert after_backward <= before_backward - kept_bytes + 512 * 4 * 4  # + the head's gradient (V, H)
+
+
+def test_grad_memory_mib_must_not_be_negative():
+    with pytest.raises(ValueError, match="grad_memory_mib"):
+        chunked_token_divergence(**head_inputs(seed=22, n=4, h=4, v=V, bias=False), grad_memory_mib=-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Memory boundedness of the chunked path
 
 
@@ -378,21 +491,25 @@ def measure_forward_backward(fn) -> LiveTensorBytes:
     return tracker
 
 
+@pytest.mark.parametrize("kept_chunks", [0, 6])
 @pytest.mark.parametrize("case", [(0.5, "full", True), (1.0, "topk", True)], ids=case_id)
-def test_chunked_memory_is_bounded_by_chunk_not_tokens(case):
+def test_chunked_memory_is_bounded_by_chunk_not_tokens(case, kept_chunks):
+    """Peak memory is a handful of chunks plus the kept logit gradients, which stop growing at the budget."""
     alpha, mode, tail = case
     vocab, hidden, chunk = 4096, 4, 16
-    kwargs = dict(alpha=alpha, mode=mode, top_k=64, tail_bucket=tail)
     chunk_bytes = chunk * vocab * 4
+    budget_bytes = kept_chunks * chunk_bytes  # both lengths below have more chunks than that
+    kwargs = dict(alpha=alpha, mode=mode, top_k=64, tail_bucket=tail)
     peaks = {}
     for n in (256, 512):
         inputs = head_inputs(seed=15, n=n, h=hidden, v=vocab, bias=False)
         inputs["student_hidden"].requires_grad_()
         inputs["student_head_weight"].requires_grad_()
-        chunked = measure_forward_backward(lambda inputs=inputs: chunked_token_divergence(**inputs, chunk_size=chunk, **kwargs))
-        # No single allocation larger than one chunk's logits, and a peak of a handful of chunks.
+        chunked = measure_forward_backward(lambda inputs=inputs: chunked_token_divergence(
+            **inputs, chunk_size=chunk, grad_memory_mib=budget_bytes / 2**20, **kwargs))
+        # No single allocation larger than one chunk's logits, and a peak of a handful of chunks + the budget.
         assert chunked.largest <= chunk_bytes
-        assert chunked.peak < 8 * chunk_bytes + 2 * vocab * hidden * 4
+        assert budget_bytes <= chunked.peak < 8 * chunk_bytes + budget_bytes + 2 * vocab * hidden * 4
         peaks[n] = chunked.peak
         # The tracker does see full-logit allocations: the plain path exceeds N·V floats.
         plain = measure_forward_backward(lambda inputs=inputs: reference_from_heads(inputs, **kwargs)[0])

@@ -123,8 +123,9 @@ def test_bad_data_exits_2_before_loading_any_model(tmp_path):
 def test_bad_flag_combination_is_reported_before_loading(tmp_path):
     dataset = write_dataset(tmp_path / "train.jsonl")
     result = run_script("--model", tmp_path / "missing", "--dataset", dataset, "--divergence_mode", "sampled",
-                        check=False)
+                        "--loss_grad_memory_mib", -1, check=False)
     assert result.returncode == 2 and "--alpha 1" in result.stderr and "Traceback" not in result.stderr
+    assert "--loss_grad_memory_mib must be >= 0" in result.stderr
 
 
 def write_letter_eval(path: Path) -> Path:
