@@ -79,11 +79,11 @@ from sdft_utils.losses import (
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
+    adamw,
     completion_hidden_states,
     load_model,
     load_tokenizer,
     resolve_dtype,
-    trainable_parameters,
 )
 from sdft_utils.plots import plot_after_training
 from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
@@ -302,7 +302,7 @@ def main() -> None:
         teacher = make_teacher(args.teacher_kind, model, args.teacher_model or model_path,
                                torch.float32 if args.teacher_fp32 else dtype, args.attn_implementation)
         eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model, args.learning_rate, args.weight_decay)
     # the schedule counts optimizer steps; it is not prepared, because accelerate would step it once per process
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)

@@ -73,11 +73,11 @@ from sdft_utils.losses import chunked_token_divergence, gather_rows, kl_k3, scat
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
 from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
 from sdft_utils.modeling import (
+    adamw,
     completion_hidden_states,
     load_model,
     load_tokenizer,
     resolve_dtype,
-    trainable_parameters,
 )
 from sdft_utils.plots import plot_after_training
 from sdft_utils.policy_gradient import (
@@ -304,7 +304,7 @@ def main() -> None:
         teacher = make_teacher("ema" if args.teacher_kind == "ema" else "frozen", model, model_path, dtype,
                                args.attn_implementation)
         eos_ids = sorted({tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=total_steps * args.mini_batches)
     if megatron:
