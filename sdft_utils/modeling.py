@@ -79,13 +79,24 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
+def packs_sequences(model: nn.Module) -> bool:
+    """Padding-free batching pays where the attention kernel takes variable-length sequences: the flash-attention
+    implementations. sdpa/eager would get a dense block-diagonal mask over the whole pack instead, which costs more
+    than the padding it saves."""
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    return "flash" in str(getattr(config, "_attn_implementation", None) or "")
+
+
 def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             num_completion_tokens: int) -> torch.Tensor:
+                             num_completion_tokens: int, pack: bool | None = None) -> torch.Tensor:
     """Final hidden states at the positions that predict the completion tokens.
 
     `input_ids` is (B, S) = [left-padded prompt | right-padded completion of width T]. The forward goes through the
     (possibly DDP/DeepSpeed/FSDP-wrapped) model so gradient synchronisation works; a hook on the decoder catches its
     output, and `logits_to_keep=1` keeps the head from computing logits for every position. Returns (B, T, H).
+    `pack` (None = `packs_sequences(model)`): padding-free, the real tokens of all rows go through the model as one
+    sequence whose position ids restart at each row, so no layer computes anything for padding; the hidden states at
+    padded positions are then 0 (they are never scored).
     A Megatron GPTModel (--backend megatron) goes through `sdft_utils.megatron.training.completion_hidden_states`.
     """
     if is_megatron_model(model):
@@ -98,11 +109,23 @@ def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attentio
     def keep_output(module, inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+    positions = position_ids_from_mask(attention_mask)
+    packed = packs_sequences(model) if pack is None else pack
+    if packed:
+        # one device->host sync for the token count; HF's flash path syncs for the sequence lengths anyway
+        real = attention_mask.flatten().nonzero().squeeze(1)
+        inputs = dict(input_ids=input_ids.flatten()[real][None], position_ids=positions.flatten()[real][None])
+    else:
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
     handle = decoder.register_forward_hook(keep_output)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-              use_cache=False, logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
+    hidden = captured["hidden"]
+    if packed:  # back to the (B, S) grid, zeros at padding (index_copy keeps the graph to the packed states)
+        batch, width = input_ids.shape
+        hidden = hidden.new_zeros(batch * width, hidden.shape[-1]).index_copy(0, real, hidden[0]).view(
+            batch, width, -1)
     # position t predicts token t+1: completion token j is predicted at column S - T - 1 + j
-    return captured["hidden"][:, -num_completion_tokens - 1:-1]
+    return hidden[:, -num_completion_tokens - 1:-1]
