@@ -82,9 +82,8 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def packs_sequences(model: nn.Module) -> bool:
     """Padding-free batching pays where the attention kernel takes variable-length sequences: the flash-attention
     implementations. sdpa/eager would get a dense block-diagonal mask over the whole pack instead, which costs more
-    than the padding it saves."""
-    config = getattr(extract_model_from_parallel(model), "config", None)
-    return "flash" in str(getattr(config, "_attn_implementation", None) or "")
+    than the padding it saves. `model` is unwrapped (`extract_model_from_parallel`)."""
+    return "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
 
 
 def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -103,14 +102,15 @@ def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attentio
         from sdft_utils.megatron.training import completion_hidden_states as megatron_hidden_states
 
         return megatron_hidden_states(model, input_ids, attention_mask, num_completion_tokens)
-    decoder = extract_model_from_parallel(model).get_decoder()
+    unwrapped = extract_model_from_parallel(model)
+    decoder = unwrapped.get_decoder()
     captured = {}
 
     def keep_output(module, inputs, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     positions = position_ids_from_mask(attention_mask)
-    packed = packs_sequences(model) if pack is None else pack
+    packed = packs_sequences(unwrapped) if pack is None else pack
     if packed:
         # one device->host sync for the token count; HF's flash path syncs for the sequence lengths anyway
         real = attention_mask.flatten().nonzero().squeeze(1)

@@ -201,6 +201,7 @@ class HFRollout:
         self.compile_decode = compile_decode
         self.compile_backend = compile_backend
         self.prompt_bucket = prompt_bucket
+        self.synced: bool | None = None  # processes must stop decoding together (ZeRO-3/FSDP2); set on first use
 
     def sync_weights(self, model: nn.Module) -> None:
         self.model = model  # generate() reads the training parameters directly
@@ -266,7 +267,8 @@ class HFRollout:
         min_new_tokens = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
         # ZeRO-3/FSDP2 gather parameters inside each forward, a collective: every process must run as many
         # forwards as the slowest one, so finishing early is decided together
-        synced = holds_shards(self.model) and dist.is_available() and dist.is_initialized()
+        if self.synced is None:  # sharding never changes during a run: look once
+            self.synced = holds_shards(self.model) and dist.is_available() and dist.is_initialized()
         tokens = torch.full((batch, new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, new_tokens), device=device) if sampling.logprobs else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -289,7 +291,7 @@ class HFRollout:
                 generated += 1
                 feed, positions = chosen.unsqueeze(-1), positions[:, -1:] + 1
                 remaining = (~finished).sum()
-                if synced:
+                if self.synced:
                     dist.all_reduce(remaining)
                 if remaining.item() == 0:  # one host sync per token, as in HF generate's stopping check
                     break
