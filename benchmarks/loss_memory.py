@@ -1,15 +1,17 @@
 """Memory and time of `chunked_token_divergence` against a plain full-logits implementation and TRL's own losses.
 
-Three implementations run forward + backward on the same random inputs (the teacher shares the student's head,
+Four implementations run forward + backward on the same random inputs (the teacher shares the student's head,
 as in self-distillation, and sees perturbed hidden states):
-- `ours`: `chunked_token_divergence` on hidden states + lm_head, chunk by chunk over tokens, float32;
+- `ours`: `chunked_token_divergence` on hidden states + lm_head, chunk by chunk over tokens, float32, with the
+  logit gradients of up to `--grad-memory-mib` kept from forward (the scripts' default);
+- `recompute`: the same with nothing kept, every chunk's logits recomputed in backward (flat memory at any length);
 - `plain`: hidden @ W.T for all tokens at once, then `token_divergence_from_logits` (log_softmax + divergence
   under autograd);
 - `trl` (when `trl` is importable): hidden @ W.T in the input dtype, as TRL's trainers get logits from the model,
   then `trl.experimental.sdft.loss_utils.compute_full_logit_self_distillation_loss` / `compute_topk_...` /
   `compute_sampled_token_...` (the functions TRL's SDFTTrainer and SDPOTrainer call; SDPO's loss_utils is the
   same file).
-The agreement columns give the largest |per-token loss difference| of `plain` and `trl` against `ours`.
+The agreement columns give the largest |per-token loss difference| of the others against `ours`.
 
 Peak memory is the extra memory allocated during forward + backward (inputs excluded): on CUDA from
 torch.cuda.max_memory_allocated, on CPU from a TorchDispatchMode that tracks live tensor storages (a separate,
@@ -146,8 +148,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--implementations", nargs="+", choices=["ours", "plain", "trl"],
-                        default=["ours", "plain", "trl"])
+    parser.add_argument("--implementations", nargs="+", choices=["ours", "recompute", "plain", "trl"],
+                        default=["ours", "recompute", "plain", "trl"],
+                        help="recompute = ours with --grad-memory-mib 0 (every chunk's logits recomputed in backward)")
     parser.add_argument(
         "--plain-max-gib", type=float, default=40.0 if on_gpu else 4.0,
         help="skip the full-logits paths (plain, trl) when their estimated need (about 12 float32 copies of N x V) "
@@ -164,6 +167,7 @@ def main() -> None:
     runners = {
         "ours": lambda inp, h, w: run_chunked(inp, h, w, args.chunk_size, grad_memory_mib=args.grad_memory_mib,
                                               **kwargs),
+        "recompute": lambda inp, h, w: run_chunked(inp, h, w, args.chunk_size, grad_memory_mib=0, **kwargs),
         "plain": lambda inp, h, w: run_plain(inp, h, w, **kwargs),
         "trl": lambda inp, h, w: run_trl(inp, h, w, **kwargs),
     }
@@ -182,7 +186,7 @@ def main() -> None:
         inputs = make_inputs(n, args.vocab, hidden, dtype, args.device)
         results: dict[str, tuple[float, float, torch.Tensor] | str] = {}
         for name in implementations:
-            if name != "ours" and 12 * n * args.vocab * 4 > args.plain_max_gib * 2**30:
+            if name in ("plain", "trl") and 12 * n * args.vocab * 4 > args.plain_max_gib * 2**30:
                 results[name] = "skipped"  # over --plain-max-gib
                 continue
             try:
