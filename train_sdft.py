@@ -400,11 +400,12 @@ def main() -> None:
                 to_device(tensor, accelerator.device) for tensor in (loss_mask, scored, index))
             with accelerator.accumulate(model):
                 width = batch.num_completion_tokens
-                student_hidden = completion_hidden_states(model, batch.student_input_ids,
-                                                          batch.student_attention_mask, width)
+                # teacher first: its forward's activations are gone before the student's are kept for backward
                 with torch.no_grad():
                     teacher_hidden = completion_hidden_states(teacher, batch.teacher_input_ids,
                                                               batch.teacher_attention_mask, width)
+                student_hidden = completion_hidden_states(model, batch.student_input_ids,
+                                                          batch.student_attention_mask, width)
                 teacher_weight, teacher_bias = gathered_output_head(teacher)
                 # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
                 divergence = run_with_output_head(model, lambda student_weight, student_bias: divergence_fn(

@@ -412,10 +412,11 @@ def main() -> None:
             with accelerator.accumulate(model):
                 width, mask = batch.num_completion_tokens, batch.completion_mask.float()
                 scored = mask.bool()
-                student_hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
-                                                          width)
+                # teacher first: its forward's activations are gone before the student's are kept for backward
                 teacher_hidden, teacher_weight, teacher_bias = teacher_view(
                     args, teacher, model, batch.teacher_input_ids, batch.teacher_attention_mask, width)
+                student_hidden = completion_hidden_states(model, batch.student_input_ids, batch.student_attention_mask,
+                                                          width)
                 # run inside the head's forward so that ZeRO-3 / FSDP2 gather the student's head (a no-op otherwise)
                 divergence = run_with_output_head(model, lambda student_weight, student_bias: divergence_fn(
                     gather_rows(student_hidden, index), student_weight, gather_rows(teacher_hidden, index),
