@@ -11,7 +11,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from sdft_utils.rollout import SamplingConfig, _SampleAndRecord  # noqa: E402
+from sdft_utils.rollout import SamplingConfig, process_scores  # noqa: E402
 from sdft_utils.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig  # noqa: E402
 from sdft_utils.weight_sync import check_weight_sync  # noqa: E402
 
@@ -37,7 +37,7 @@ def processed_logprobs(model, prompt, completion, temperature, top_p):
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
-    scores = _SampleAndRecord(temperature, top_p)(ids[:, :1].expand(len(completion), 1), logits)
+    scores = process_scores(logits, temperature, top_p)
     return scores.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
