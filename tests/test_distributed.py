@@ -127,9 +127,7 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                                    msg=lambda message, name=name: f"{what} {name}: {message}")
 
 
-# SDPO shares distributed.py with SDFT; in CI it runs under the sharded configs only (DDP and ZeRO-2 passed too,
-# see the README table), which keeps the suite's two-process launches affordable on a 2-core machine
-CASES = [("train_sdft.py", config) for config in CONFIGS] + [("train_sdpo.py", config) for config in ("zero3", "fsdp2")]
+CASES = [(script, config) for script in ("train_sdft.py", "train_sdpo.py") for config in CONFIGS]
 
 
 @pytest.mark.parametrize("script,config", CASES)
