@@ -32,10 +32,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdft_utils.benchmarks import PRIOR_BENCHMARKS, is_prior_benchmark, load_prior_benchmark, load_task_file
 from sdft_utils.cli import arg, parse_args
 from sdft_utils.errors import UserInputError, exit_on_user_error
-from sdft_utils.model_eval import (
+from sdft_utils.evaluation.report import (
     NEW_TASK,
     PRIOR,
     Benchmark,
@@ -44,11 +43,17 @@ from sdft_utils.model_eval import (
     model_labels,
     write_report,
 )
-from sdft_utils.modeling import resolve_dtype
-from sdft_utils.plots import plot_training_curves
-from sdft_utils.rollout import SamplingConfig
-from sdft_utils.rollout_engines import ROLLOUT_BACKENDS
-from sdft_utils.verifiers import VERIFIERS
+from sdft_utils.evaluation.suites import (
+    PRIOR_BENCHMARKS,
+    is_prior_benchmark,
+    load_prior_benchmark,
+    load_task_file,
+)
+from sdft_utils.rollout.engines import ROLLOUT_BACKENDS
+from sdft_utils.rollout.sampling import SamplingConfig
+from sdft_utils.sdpo.verifiers import VERIFIERS
+from sdft_utils.training.modeling import resolve_dtype
+from sdft_utils.training.plots import plot_training_curves
 
 
 @dataclass

@@ -44,29 +44,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch, to_device
-from sdft_utils.checkpoint import (
-    BestCheckpoint,
-    choose_eval_metric,
-    load_checkpoint,
-    resolve_resume_path,
-    save_checkpoint,
-)
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import load_sdft_dataset, process_positions, step_indices
-from sdft_utils.distributed import (
-    gathered_output_head,
-    make_accelerator,
-    prepare_teacher,
-    run_with_output_head,
-    start_processes,
-)
+from sdft_utils.data.order import process_positions, step_indices
+from sdft_utils.data.prompts import load_teacher_template, tokenize_chat_prompts
+from sdft_utils.data.sdft import load_sdft_dataset
 from sdft_utils.errors import UserInputError, exit_on_user_error
-from sdft_utils.evaluation import answer_accuracy, eval_set_name, load_eval_set
-from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
-from sdft_utils.losses import (
+from sdft_utils.evaluation.answers import answer_accuracy, eval_set_name, load_eval_set
+from sdft_utils.losses.divergence import chunked_token_divergence
+from sdft_utils.losses.weighting import (
     IS_MODES,
-    chunked_token_divergence,
     completion_loss_mask,
     entropy_quantile_mask,
     gather_rows,
@@ -77,18 +63,7 @@ from sdft_utils.losses import (
     sequence_mean_loss,
 )
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
-from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
-from sdft_utils.modeling import (
-    adamw,
-    completion_hidden_states,
-    load_model,
-    load_tokenizer,
-    resolve_dtype,
-)
-from sdft_utils.plots import plot_after_training
-from sdft_utils.prompts import load_teacher_template, tokenize_chat_prompts
-from sdft_utils.rollout import SamplingConfig, prompt_seeds
-from sdft_utils.rollout_engines import (
+from sdft_utils.rollout.engines import (
     ROLLOUT_BACKENDS,
     ROLLOUT_COMPILE_CHOICES,
     VLLM_MODES,
@@ -96,8 +71,40 @@ from sdft_utils.rollout_engines import (
     make_rollout_engine,
     weight_sync_tolerance,
 )
-from sdft_utils.teachers import TEACHER_KINDS, ema_update_, make_teacher
-from sdft_utils.weight_sync import check_weight_sync
+from sdft_utils.rollout.sampling import SamplingConfig, prompt_seeds
+from sdft_utils.rollout.weight_sync import check_weight_sync
+from sdft_utils.training.batching import build_distill_batch, to_device
+from sdft_utils.training.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from sdft_utils.training.distributed import (
+    gathered_output_head,
+    make_accelerator,
+    prepare_teacher,
+    run_with_output_head,
+    start_processes,
+)
+from sdft_utils.training.lora import (
+    DEFAULT_TARGET_MODULES,
+    add_lora,
+    check_peft_args,
+    lora_summary,
+    save_merged_model,
+)
+from sdft_utils.training.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
+from sdft_utils.training.modeling import (
+    adamw,
+    completion_hidden_states,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+from sdft_utils.training.plots import plot_after_training
+from sdft_utils.training.teachers import TEACHER_KINDS, ema_update_, make_teacher
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdft_embedded.yaml"
 STEP_TOTALS = ("loss", "divergence", "kl_approx", "entropy", "loss_tokens", "completion_tokens", "sequences",
@@ -150,7 +157,7 @@ class Args:
                                                "max_completion_length", "rollout")
     vllm_enable_sleep_mode: bool = arg(True, "colocate: offload vLLM weights and KV cache while training (GPU only; "
                                              "skipped on CPU)", "rollout")
-    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.vllm_server`",
+    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.rollout.vllm_server`",
                                "rollout")
     vllm_server_timeout: float = arg(240.0, "server: seconds to wait for the server to answer /health", "rollout")
     vllm_sync_bucket_mb: int = arg(512, "server: weights are sent in buckets of about this many MiB (whole layers)",

@@ -50,56 +50,63 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
-from sdft_utils.batching import build_distill_batch, to_device
-from sdft_utils.checkpoint import (
-    BestCheckpoint,
-    choose_eval_metric,
-    load_checkpoint,
-    resolve_resume_path,
-    save_checkpoint,
-)
 from sdft_utils.cli import arg, parse_args
-from sdft_utils.data import process_positions, step_indices
-from sdft_utils.distributed import (
-    gathered_output_head,
-    make_accelerator,
-    prepare_teacher,
-    run_with_output_head,
-    start_processes,
-)
+from sdft_utils.data.order import process_positions, step_indices
+from sdft_utils.data.prompts import tokenize_chat_prompts
 from sdft_utils.errors import UserInputError, exit_on_user_error
-from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora, check_peft_args, lora_summary, save_merged_model
-from sdft_utils.losses import chunked_token_divergence, gather_rows, kl_k3, scatter_rows, scored_index
+from sdft_utils.losses.divergence import chunked_token_divergence
+from sdft_utils.losses.weighting import gather_rows, kl_k3, scatter_rows, scored_index
 from sdft_utils.megatron.backend import BACKENDS, MegatronBackend, check_megatron_args
-from sdft_utils.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
-from sdft_utils.modeling import (
-    adamw,
-    completion_hidden_states,
-    load_model,
-    load_tokenizer,
-    resolve_dtype,
-)
-from sdft_utils.plots import plot_after_training
-from sdft_utils.policy_gradient import (
-    clipped_policy_loss,
-    grpo_advantages,
-    hybrid_loss,
-    token_is_weights,
-    token_logprobs,
-)
-from sdft_utils.prompts import tokenize_chat_prompts
-from sdft_utils.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
-from sdft_utils.rollout import SamplingConfig, prompt_seeds
-from sdft_utils.rollout_engines import (
+from sdft_utils.rollout.engines import (
     ROLLOUT_BACKENDS,
     ROLLOUT_COMPILE_CHOICES,
     VLLM_MODES,
     check_rollout_args,
     make_rollout_engine,
 )
-from sdft_utils.tasks import load_sdpo_tasks, make_scorer, success_rate
-from sdft_utils.teachers import ema_update_, make_teacher
-from sdft_utils.verifiers import VERIFIERS, load_reward_fn
+from sdft_utils.rollout.sampling import SamplingConfig, prompt_seeds
+from sdft_utils.sdpo.policy_gradient import (
+    clipped_policy_loss,
+    grpo_advantages,
+    hybrid_loss,
+    token_is_weights,
+    token_logprobs,
+)
+from sdft_utils.sdpo.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
+from sdft_utils.sdpo.tasks import load_sdpo_tasks, make_scorer, success_rate
+from sdft_utils.sdpo.verifiers import VERIFIERS, load_reward_fn
+from sdft_utils.training.batching import build_distill_batch, to_device
+from sdft_utils.training.checkpoint import (
+    BestCheckpoint,
+    choose_eval_metric,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from sdft_utils.training.distributed import (
+    gathered_output_head,
+    make_accelerator,
+    prepare_teacher,
+    run_with_output_head,
+    start_processes,
+)
+from sdft_utils.training.lora import (
+    DEFAULT_TARGET_MODULES,
+    add_lora,
+    check_peft_args,
+    lora_summary,
+    save_merged_model,
+)
+from sdft_utils.training.metrics import REPORT_TO_CHOICES, MetricsLog, tracker_for
+from sdft_utils.training.modeling import (
+    adamw,
+    completion_hidden_states,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+from sdft_utils.training.plots import plot_after_training
+from sdft_utils.training.teachers import ema_update_, make_teacher
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdpo_embedded.yaml"
 SDPO_TEACHER_KINDS = ["ema", "trust_region", "frozen"]
@@ -144,7 +151,7 @@ class Args:
     vllm_gpu_memory_utilization: float = arg(0.3, "colocate: fraction of GPU memory vLLM may take", "rollout")
     vllm_max_model_len: int | None = arg(None, "colocate: context length; None = prompt + completion lengths", "rollout")
     vllm_enable_sleep_mode: bool = arg(True, "colocate: offload vLLM while training (GPU only)", "rollout")
-    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.vllm_server`", "rollout")
+    vllm_server_url: str = arg("http://127.0.0.1:8000", "server: URL of `python -m sdft_utils.rollout.vllm_server`", "rollout")
     vllm_server_timeout: float = arg(240.0, "server: seconds to wait for /health", "rollout")
     vllm_sync_bucket_mb: int = arg(512, "server: weights are sent in buckets of about this many MiB", "rollout")
     # reprompt

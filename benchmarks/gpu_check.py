@@ -268,10 +268,10 @@ def check_zero3(report: Report, sizes: Sizes, budget: Budget, workdir: Path) -> 
 
 def check_megatron_sdft_step(report: Report, sizes: Sizes, budget: Budget, workdir: Path) -> None:
     """One `train_sdft.py --backend megatron --tensor_model_parallel_size 1` step under torchrun (GPU only: on a CPU
-    megatron-core needs the test shims, and tests/test_train_megatron.py runs this path there)."""
+    megatron-core needs the test shims, and tests/megatron/test_train_megatron.py runs this path there)."""
     name = "Megatron TP=1 SDFT step"
     if not torch.cuda.is_available():
-        report.add(name, "skipped", "needs CUDA (CPU: tests/test_train_megatron.py runs it with the shims)")
+        report.add(name, "skipped", "needs CUDA (CPU: tests/megatron/test_train_megatron.py runs it with the shims)")
         return
     import step_throughput
 
@@ -336,7 +336,7 @@ def megatron_worker(spec: dict) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
 
-    from sdft_utils.losses import chunked_token_divergence
+    from sdft_utils.losses.divergence import chunked_token_divergence
     from sdft_utils.testing import QWEN2_0P4B
 
     cuda = torch.cuda.is_available()

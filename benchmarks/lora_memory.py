@@ -23,11 +23,17 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdft_utils.batching import build_distill_batch  # noqa: E402
-from sdft_utils.lora import DEFAULT_TARGET_MODULES, add_lora  # noqa: E402
-from sdft_utils.losses import chunked_token_divergence, scatter_rows, sequence_mean_loss  # noqa: E402
-from sdft_utils.modeling import completion_hidden_states, load_model, output_head, trainable_parameters  # noqa: E402
-from sdft_utils.teachers import ema_update_, make_teacher  # noqa: E402
+from sdft_utils.losses.divergence import chunked_token_divergence  # noqa: E402
+from sdft_utils.losses.weighting import scatter_rows, sequence_mean_loss
+from sdft_utils.training.batching import build_distill_batch  # noqa: E402
+from sdft_utils.training.lora import DEFAULT_TARGET_MODULES, add_lora  # noqa: E402
+from sdft_utils.training.modeling import (  # noqa: E402
+    completion_hidden_states,
+    load_model,
+    output_head,
+    trainable_parameters,
+)
+from sdft_utils.training.teachers import ema_update_, make_teacher  # noqa: E402
 
 MiB = 2**20
 

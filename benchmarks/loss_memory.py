@@ -35,7 +35,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdft_utils.losses import TokenDivergence, chunked_token_divergence, token_divergence_from_logits  # noqa: E402
+from sdft_utils.losses.divergence import (  # noqa: E402
+    TokenDivergence,
+    chunked_token_divergence,
+    token_divergence_from_logits,
+)
 from sdft_utils.testing import LiveTensorBytes  # noqa: E402
 
 MiB = 2**20

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-from sdft_utils.rollout import HFRollout, SamplingConfig  # noqa: E402
+from sdft_utils.rollout.hf import HFRollout  # noqa: E402
+from sdft_utils.rollout.sampling import SamplingConfig
 
 
 def timed(function, *args, clock=time.perf_counter) -> tuple[float, object]:
@@ -96,7 +97,7 @@ def main() -> None:
         rows.append(("HFRollout loop", seconds, sum(map(len, rollouts.completion_ids))))
     init_seconds = sync_seconds = None
     if "vllm" in options.engines:
-        from sdft_utils.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
+        from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
 
         config = VLLMEngineConfig(model=model_path, dtype=dtype,
                                   gpu_memory_utilization=options.gpu_memory_utilization,

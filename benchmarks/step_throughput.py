@@ -145,7 +145,7 @@ def run_trl(s: Settings) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    from sdft_utils.prompts import AUTHORS_TEMPLATE
+    from sdft_utils.data.prompts import AUTHORS_TEMPLATE
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:

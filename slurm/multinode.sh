@@ -10,7 +10,7 @@ if [[ "$VLLM_SERVER_NODE" == 1 ]]; then
     TRAIN_NODES=$((TRAIN_NODES - 1))
     VLLM_HOST=${NODES[-1]}
     srun --nodes=1 --ntasks=1 --nodelist="$VLLM_HOST" --output="logs/%x-%j-vllm.out" \
-        "$VENV/bin/python" -m sdft_utils.vllm_server --model "$VLLM_MODEL" --host 0.0.0.0 --port "$VLLM_PORT" \
+        "$VENV/bin/python" -m sdft_utils.rollout.vllm_server --model "$VLLM_MODEL" --host 0.0.0.0 --port "$VLLM_PORT" \
         --tensor_parallel_size "$VLLM_TENSOR_PARALLEL_SIZE" &
     VLLM_PID=$!
     trap 'kill "$VLLM_PID" 2>/dev/null || true' EXIT

@@ -5,7 +5,7 @@ The scripts keep their loop, data, prompting, rollouts and logging; with this ba
   process group and is used for printing, metrics reduction, trackers and gradient-accumulation bookkeeping only);
 - shard data by the data-parallel rank (every rank of a TP group trains on the same sequences);
 - train GPTModel shards (sdft_utils.megatron.training) with a plain torch optimizer; the teacher is a second GPTModel
-  with the same shards (EMA per shard through sdft_utils.teachers.ema_update_);
+  with the same shards (EMA per shard through sdft_utils.training.teachers.ema_update_);
 - compute the divergence with sdft_utils.megatron.vocab_parallel (modeling.completion_hidden_states/output_head
   dispatch to the megatron versions for a GPTModel, so the loop's calls stay the same);
 - sample on TP rank 0 of each data-parallel group and broadcast the rollouts to the other TP ranks;
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.losses import TokenDivergence
+from sdft_utils.losses.divergence import TokenDivergence
 
 BACKENDS = ["accelerate", "megatron"]
 
@@ -130,7 +130,7 @@ class MegatronBackend:
     def rollout_engine(self, args, tokenizer, accelerator, eos_token_ids: list[int], model: nn.Module):
         """TP rank 0 of each data-parallel group samples; the others receive its rollouts."""
         if args.rollout == "vllm":
-            from sdft_utils.vllm_server import VLLMServerRollout
+            from sdft_utils.rollout.vllm_server import VLLMServerRollout
 
             # HTTP transfer of the gathered HF weights (the NCCL path needs per-parameter metadata of an HF model)
             engine = VLLMServerRollout(args.vllm_server_url, eos_token_ids, accelerator,
@@ -146,9 +146,9 @@ class MegatronBackend:
                         scheduler, tokenizer, progress: dict, keep_last: int | None) -> Path:
         """checkpoint-STEP/ = a Hugging Face folder (gathered weights, loadable by from_pretrained) + trainer_state/
         with one file per rank (its model/teacher shards, optimizer, scheduler, RNG) + progress.json, written to
-        a .tmp folder and renamed, as sdft_utils.checkpoint does."""
-        from sdft_utils.checkpoint import list_checkpoints
+        a .tmp folder and renamed, as sdft_utils.training.checkpoint does."""
         from sdft_utils.megatron.training import save_hf_checkpoint
+        from sdft_utils.training.checkpoint import list_checkpoints
 
         output_dir = Path(output_dir)
         final, staging = output_dir / f"checkpoint-{step}", output_dir / f"checkpoint-{step}.tmp"
@@ -224,8 +224,8 @@ class _HFCopyRollout:
 
     def __init__(self, model_path: str, pad_token_id: int, eos_token_ids: list[int], batch_size: int | None,
                  keep: bool):
-        from sdft_utils.modeling import load_model
-        from sdft_utils.rollout import HFRollout
+        from sdft_utils.rollout.hf import HFRollout
+        from sdft_utils.training.modeling import load_model
 
         self.copy = load_model(model_path, torch.float32 if not torch.cuda.is_available() else torch.bfloat16) \
             if keep else None
@@ -234,7 +234,7 @@ class _HFCopyRollout:
         self.engine = HFRollout(self.copy, pad_token_id, eos_token_ids, batch_size) if keep else None
 
     def generate(self, prompt_ids, sampling, seeds=None):
-        from sdft_utils.rollout import Rollouts
+        from sdft_utils.rollout.sampling import Rollouts
 
         result = self.engine.generate(prompt_ids, sampling, seeds)
         return Rollouts(result.completion_ids, result.logprobs, from_training_weights=False)

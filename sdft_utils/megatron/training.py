@@ -89,7 +89,7 @@ def load_gpt_model(model_path: str | Path, tensor_model_parallel_size: int, dtyp
 def make_megatron_teacher(kind: str, student: nn.Module, source: str | Path, tensor_model_parallel_size: int,
                           dtype: torch.dtype) -> nn.Module:
     """The teacher as a second GPTModel with the student's shard layout (`ema`, `frozen`), or the student (`live`).
-    An EMA then updates shard by shard with `sdft_utils.teachers.ema_update_` (same names, same shapes)."""
+    An EMA then updates shard by shard with `sdft_utils.training.teachers.ema_update_` (same names, same shapes)."""
     if kind == "live":
         return student
     teacher, _ = load_gpt_model(source, tensor_model_parallel_size, dtype)
@@ -126,7 +126,7 @@ def _hidden_states_instead_of_logits(model: nn.Module):
 
 def completion_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                              num_completion_tokens: int) -> Tensor:
-    """Megatron twin of `sdft_utils.modeling.completion_hidden_states`: (B, S) [left-padded prompt | right-padded
+    """Megatron twin of `sdft_utils.training.modeling.completion_hidden_states`: (B, S) [left-padded prompt | right-padded
     completion of width T] -> final hidden states (B, T, H) at the positions that predict the completion tokens.
     Replicated over the TP group (no sequence parallelism)."""
     positions, mask = attention_inputs(attention_mask)
@@ -198,7 +198,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> float:
 def hf_parameters(model: nn.Module, layout: Layout) -> Iterator[tuple[str, Tensor]]:
     """Yield (hf_name, full tensor) for the whole model, one decoder layer at a time: each sharded parameter is
     all-gathered over the TP group (every TP rank must iterate, in step) and converted to Hugging Face names. Feeds
-    `sdft_utils.weight_sync.layer_buckets` (vLLM server push) and `save_hf_checkpoint`."""
+    `sdft_utils.rollout.weight_sync.layer_buckets` (vLLM server push) and `save_hf_checkpoint`."""
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()

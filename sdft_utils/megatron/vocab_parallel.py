@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdft_utils.losses import (
+from sdft_utils.losses.divergence import (
     Mode,
     TokenDivergence,
     _check_divergence_args,

