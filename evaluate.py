@@ -49,9 +49,9 @@ from sdft_utils.evaluation.suites import (
     load_prior_benchmark,
     load_task_file,
 )
-from sdft_utils.rollout.engines import ROLLOUT_BACKENDS
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.verifiers import VERIFIERS
+from sdft_utils.training.config import ROLLOUT_ENGINES
 from sdft_utils.training.modeling import resolve_dtype
 from sdft_utils.training.plots import plot_training_curves
 
@@ -82,7 +82,7 @@ class Args:
     batch_size: int | None = arg(32, "prompts per HF generate() call; None = a whole benchmark at once",
                                  "generation")
     # engine
-    rollout: str = arg("hf", "engine: the model itself (Hugging Face forward + KV cache) or vLLM", "engine", ROLLOUT_BACKENDS)
+    rollout: str = arg("hf", "engine: the model itself (Hugging Face forward + KV cache) or vLLM", "engine", ROLLOUT_ENGINES)
     dtype: str = arg("auto", "auto = bfloat16 on GPU, float32 on CPU", "engine",
                      ["auto", "bfloat16", "float16", "float32"])
     attn_implementation: str | None = arg(None, "HF attention kernel (sdpa, flash_attention_2, eager)", "engine")

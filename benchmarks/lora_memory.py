@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -26,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdft_utils.losses.divergence import chunked_token_divergence  # noqa: E402
 from sdft_utils.losses.weighting import scatter_rows, sequence_mean_loss
 from sdft_utils.training.batching import build_distill_batch  # noqa: E402
-from sdft_utils.training.lora import DEFAULT_TARGET_MODULES, add_lora  # noqa: E402
+from sdft_utils.training.config import DEFAULT_LORA_TARGETS, LoraArgs  # noqa: E402
+from sdft_utils.training.lora import add_lora  # noqa: E402
 from sdft_utils.training.modeling import (  # noqa: E402
     completion_hidden_states,
     load_model,
@@ -51,8 +51,7 @@ def run(model_path: str, dtype: torch.dtype, use_peft: bool, args) -> dict[str, 
     torch.manual_seed(0)
     model = load_model(model_path, dtype)
     if use_peft:
-        model = add_lora(model, SimpleNamespace(lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                                lora_target_modules=DEFAULT_TARGET_MODULES))
+        model = add_lora(model, LoraArgs(use_peft=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r))
     teacher = make_teacher("ema", model, model_path, dtype)
     device = torch.device(args.device)
     model.to(device), teacher.to(device)
@@ -125,7 +124,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"model {args.model}, {args.dtype}, EMA teacher, batch {args.batch} x ({args.prompt_tokens} prompt + "
           f"{args.completion_tokens} completion tokens; teacher prompts {2 * args.prompt_tokens}), LoRA r={args.lora_r} "
-          f"on {', '.join(DEFAULT_TARGET_MODULES)}, device {args.device}, {torch.get_num_threads()} threads")
+          f"on {', '.join(DEFAULT_LORA_TARGETS)}, device {args.device}, {torch.get_num_threads()} threads")
     print("| setup | trained params | parameters (MiB) | gradients (MiB) | AdamW state (MiB) | total (MiB) | "
           "step wall s | step CPU s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -117,7 +117,7 @@ def our_flags(s: Settings) -> list[str]:
               "--save_steps", "1000000", "--save_total_limit", "1", "--seed", str(s.seed), "--report_to", "none"]
     if s.method == "sdft":
         return common + ["--prompts_per_step", str(s.batch), "--per_device_batch_size", str(s.batch)]
-    return common + ["--questions_per_step", str(s.batch), "--num_generations", str(s.generations),
+    return common + ["--prompts_per_step", str(s.batch), "--num_generations", str(s.generations),
                      "--per_device_batch_size", str(s.batch * s.generations),
                      "--reward_fn", f"{Path(__file__).resolve()}:parity_reward",
                      "--include_environment_feedback", "false", "--max_reprompt_length", "10240"]

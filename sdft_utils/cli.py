@@ -30,6 +30,13 @@ def arg(default: Any, help: str, group: str = "general", choices: list | None = 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def override(group: type, name: str, default: Any) -> Any:
+    """Field `name` of the dataclass `group` with another default (same help, group and choices): how a script
+    changes a shared flag's default, e.g. SDPO's `alpha: float = override(LossArgs, "alpha", 0.5)`."""
+    field = {field.name: field for field in dataclasses.fields(group)}[name]
+    return arg(default, field.metadata["help"], field.metadata["group"], field.metadata["choices"])
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -137,3 +144,60 @@ def dataclass_groups(cls: type) -> dict[str, list[dataclasses.Field]]:
     for field in dataclasses.fields(cls):
         groups.setdefault(field.metadata.get("group", "general"), []).append(field)
     return groups
+
+
+def flag_reference(scripts: dict[str, type]) -> str:
+    """A Markdown reference of every flag of the scripts' dataclasses (`{"train_sdft.py": Args, ...}`): one table
+    per group, one column of defaults per script ("-" where a script has no such flag)."""
+    names = list(scripts)
+    fields = {name: {field.name: field for field in dataclasses.fields(cls)} for name, cls in scripts.items()}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        for field in fields[name].values():
+            flags = groups.setdefault(field.metadata.get("group", "general"), [])
+            if field.name not in flags:
+                flags.append(field.name)
+    lines = ["# Flags", "",
+             "Generated from the scripts' argument dataclasses by `python -m sdft_utils.cli docs/flags.md`; a test "
+             "fails when this file is stale. Every flag also works as a key of a `--config` YAML recipe.", ""]
+    for group, flags in groups.items():
+        lines += [f"## {group}", "", "| flag | " + " | ".join(f"`{name}`" for name in names) + " | meaning |",
+                  "|---|" + "---|" * len(names) + "---|"]
+        for flag in flags:
+            defaults = [_default_text(fields[name][flag]) if flag in fields[name] else "-" for name in names]
+            field = next(fields[name][flag] for name in names if flag in fields[name])
+            choices = field.metadata.get("choices")
+            meaning = field.metadata.get("help", "") + (f" (one of: {', '.join(map(str, choices))})" if choices else "")
+            lines.append(f"| `--{flag}` | " + " | ".join(defaults) + f" | {meaning.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return f"`{' '.join(map(str, default)) if isinstance(default, list) else default}`"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sdft_utils.cli docs/flags.md`: write the flag reference of train_sdft.py and train_sdpo.py."""
+    import importlib.util
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    root = Path(__file__).resolve().parents[1]
+    scripts = {}
+    for script in ("train_sdft.py", "train_sdpo.py"):
+        spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), root / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while building the class
+        spec.loader.exec_module(module)
+        scripts[script] = module.Args
+    text = flag_reference(scripts)
+    if argv:
+        Path(argv[0]).write_text(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

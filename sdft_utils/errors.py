@@ -1,4 +1,4 @@
-"""One exception type for mistakes a user can fix (bad data, bad flags), reported without a traceback."""
+"""Two ways a run ends early without a traceback: a user mistake (exit 2) and a stopped run (exit 1)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,18 @@ class UserInputError(Exception):
     """A user mistake. The message is complete: what is wrong, where, what was expected, how to fix it."""
 
 
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. non-finite steps); the message says why and what is safe to resume from."""
+
+
 def exit_on_user_error(fn: Callable[[], T]) -> T:
-    """Run `fn`; on `UserInputError` print the message to stderr and exit with status 2 (no traceback)."""
+    """Run `fn`; a `UserInputError` exits with status 2, a `TrainingStopped` with status 1, each with its message on
+    stderr and no traceback."""
     try:
         return fn()
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

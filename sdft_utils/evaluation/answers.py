@@ -50,17 +50,18 @@ def eval_set_name(source: str) -> str:
 
 
 def answer_accuracy(rollout, tokenizer, examples: list[EvalExample], accelerator: Accelerator,
-                    max_prompt_length: int, max_new_tokens: int) -> tuple[float, list[str]]:
-    """Greedy accuracy over all processes, and this process's completions (for printing examples)."""
+                    max_prompt_length: int, sampling: SamplingConfig) -> float:
+    """Accuracy over all processes: the fraction of completions that contain an answer (greedy by default; with
+    `sampling.num_samples` > 1 the mean over the samples of each question, avg@n)."""
     mine = examples[accelerator.process_index::accelerator.num_processes]
-    correct = 0
-    texts = []
+    correct = 0.0
     if mine:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length)
-        rollouts = rollout.generate(prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+        rollouts = rollout.generate(prompt_ids, sampling)
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        repeated = [example for example in mine for _ in range(sampling.num_samples)]
         correct = sum(any(answer.lower() in text.lower() for answer in example.answers)
-                      for example, text in zip(mine, texts, strict=True))
+                      for example, text in zip(repeated, texts, strict=True)) / sampling.num_samples
     total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=accelerator.device)
     total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item(), texts
+    return (total[0] / total[1]).item()

@@ -22,7 +22,7 @@ from sdft_utils.evaluation.suites import score_task, summarize
 from sdft_utils.rollout.hf import HFRollout
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.tasks import Task
-from sdft_utils.training.modeling import load_model, load_tokenizer
+from sdft_utils.training.modeling import eos_token_ids, load_model, load_tokenizer
 
 NEW_TASK, PRIOR = "new task", "prior"
 
@@ -34,24 +34,22 @@ class Benchmark:
     tasks: list[Task]
 
 
-def eos_token_ids(model_path: str, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus the generation config's (chat models often stop on several)."""
+def stop_token_ids(model_path: str, tokenizer) -> list[int]:
+    """`eos_token_ids` with the folder's generation_config.json, when there is one."""
     from transformers import GenerationConfig
 
-    ids = {tokenizer.eos_token_id}
     try:
-        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
-        ids.update(configured if isinstance(configured, list) else [configured])
+        generation_config = GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
-        pass
-    return sorted(ids - {None})
+        generation_config = None
+    return eos_token_ids(tokenizer, generation_config)
 
 
 def open_engine(model_path: str, tokenizer, rollout: str, dtype: torch.dtype, batch_size: int | None,
                 attn_implementation: str | None = None, vllm_gpu_memory_utilization: float = 0.9,
                 vllm_max_model_len: int | None = None, vllm_tensor_parallel_size: int = 1, seed: int = 0):
     """A rollout engine for one checkpoint: HF `generate` on the loaded model, or an in-process vLLM engine."""
-    eos = eos_token_ids(model_path, tokenizer)
+    eos = stop_token_ids(model_path, tokenizer)
     if rollout == "hf":
         model = load_model(model_path, dtype, attn_implementation)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -27,6 +27,20 @@ Mode = Literal["full", "topk", "sampled"]
 MODES = ("full", "topk", "sampled")
 
 
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """How `chunked_token_divergence` (and Megatron's vocab-parallel twin) compare the two distributions; the
+    keyword arguments of those functions, gathered once from the flags."""
+
+    alpha: float = 0.0
+    mode: Mode = "full"
+    top_k: int = 100
+    tail_bucket: bool = True
+    temperature: float = 1.0
+    chunk_size: int = 512
+    grad_memory_mib: float = 1024.0
+
+
 @dataclass
 class TokenDivergence:
     loss: Tensor  # (N,) per-token divergence (float32); grad flows to the student only

@@ -1,15 +1,14 @@
-"""`--backend megatron`: what train_sdft.py / train_sdpo.py call instead of the accelerate-specific pieces.
+"""`--backend megatron`: the `Backend` interface (`sdft_utils.training.backend`) over Megatron-core tensor parallelism.
 
-The scripts keep their loop, data, prompting, rollouts and logging; with this backend they
-- start torch.distributed and megatron's TP/DP groups before creating the Accelerator (which then joins the same
+The scripts and the run set-up are the same as with accelerate; this backend
+- starts torch.distributed and megatron's TP/DP groups before creating the Accelerator (which then joins the same
   process group and is used for printing, metrics reduction, trackers and gradient-accumulation bookkeeping only);
-- shard data by the data-parallel rank (every rank of a TP group trains on the same sequences);
-- train GPTModel shards (sdft_utils.megatron.training) with a plain torch optimizer; the teacher is a second GPTModel
+- shards data by the data-parallel rank (every rank of a TP group trains on the same sequences);
+- trains GPTModel shards (sdft_utils.megatron.training) with a plain torch optimizer; the teacher is a second GPTModel
   with the same shards (EMA per shard through sdft_utils.training.teachers.ema_update_);
-- compute the divergence with sdft_utils.megatron.vocab_parallel (modeling.completion_hidden_states/output_head
-  dispatch to the megatron versions for a GPTModel, so the loop's calls stay the same);
-- sample on TP rank 0 of each data-parallel group and broadcast the rollouts to the other TP ranks;
-- save Hugging Face weights (gathered) plus one trainer-state file per rank, and resume from them.
+- computes the divergence and token log-probs vocab-parallel (sdft_utils.megatron.vocab_parallel);
+- samples on TP rank 0 of each data-parallel group and broadcasts the rollouts to the other TP ranks;
+- saves Hugging Face weights (gathered) plus one trainer-state file per rank, and resumes from them.
 """
 
 from __future__ import annotations
@@ -19,100 +18,124 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.losses.divergence import TokenDivergence
-
-BACKENDS = ["accelerate", "megatron"]
-
-
-def check_megatron_args(args) -> None:
-    """Flag combinations the Megatron backend does not support yet, before any model is loaded."""
-    if args.backend not in BACKENDS:
-        raise UserInputError(f"--backend must be one of {BACKENDS}, got '{args.backend}'.")
-    if args.backend != "megatron":
-        if args.tensor_model_parallel_size != 1:
-            raise UserInputError("--tensor_model_parallel_size needs --backend megatron (accelerate shards with "
-                                 "DeepSpeed/FSDP instead).")
-        return
-    unsupported = {
-        "--rollout vllm --vllm_mode colocate (use --vllm_mode server, or --rollout hf)":
-            args.rollout == "vllm" and args.vllm_mode == "colocate",
-        "--check_weight_sync": getattr(args, "check_weight_sync", False),
-        "--eval_datasets": bool(args.eval_datasets),
-        "--eval_every": getattr(args, "eval_every", 0) > 0,
-        "--teacher_kind trust_region": args.teacher_kind == "trust_region",
-        "--grpo_lambda > 0": getattr(args, "grpo_lambda", 0) > 0,
-        "--mini_batches > 1": getattr(args, "mini_batches", 1) > 1,
-        "--teacher_fp32": getattr(args, "teacher_fp32", False),
-        "--use_peft": getattr(args, "use_peft", False),
-    }
-    named = [flag for flag, used in unsupported.items() if used]
-    if named:
-        raise UserInputError(f"--backend megatron does not support {', '.join(named)} yet; drop the flag or use "
-                             "--backend accelerate.")
-    if args.model is None or not Path(args.model).is_dir():
-        raise UserInputError("--backend megatron loads a local Hugging Face folder: pass --model /path/to/model "
-                             f"(got {args.model!r}; download hub models first with huggingface-cli download).")
+from sdft_utils.losses.divergence import DivergenceOptions, TokenDivergence
+from sdft_utils.training.backend import accumulation_steps, resolve_precision
+from sdft_utils.training.config import RunArgs
+from sdft_utils.training.distributed import make_accelerator
+from sdft_utils.training.metrics import tracker_for
+from sdft_utils.training.modeling import eos_token_ids
 
 
 class MegatronBackend:
-    """Parallel state, models and the TP-aware replacements of the accelerate calls. One per process."""
+    """Parallel state, models and the TP-aware twins of the accelerate backend's methods. One per process."""
 
-    def __init__(self, tensor_model_parallel_size: int, seed: int):
+    def __init__(self, args: RunArgs, mini_batches: int = 1):
         from sdft_utils.megatron.training import (
             data_parallel_rank_and_size,
             initialize_parallel,
             tensor_parallel_group,
         )
 
+        self.args = args
+        self.check_args(args)  # before any process group or model: a mistake exits 2 at once
+        self.precision = resolve_precision(args.dtype)
         if not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # accelerate then joins the gloo group under torchrun
-        initialize_parallel(tensor_model_parallel_size, seed)
-        self.tensor_parallel_size = tensor_model_parallel_size
+        initialize_parallel(args.tensor_model_parallel_size, args.seed)
+        self.tensor_parallel_size = args.tensor_model_parallel_size
         self.tp_group = tensor_parallel_group()
         self.tp_rank = dist.get_rank(self.tp_group)
-        self.data_rank, self.data_world = data_parallel_rank_and_size()
+        self.rank, self.world = data_parallel_rank_and_size()  # TP ranks of one group share their data
+        self.accumulation_steps = accumulation_steps(args, self.world, mini_batches)
+        self.accelerator = make_accelerator(self.accumulation_steps, args.max_grad_norm, args.per_device_batch_size,
+                                            tracker_for(args.report_to), args.output_dir)
+        # per-step totals are summed over all processes; TP ranks hold copies, so only TP rank 0 contributes
+        self.metric_weight = 1.0 if self.tp_rank == 0 else 0.0
         self.layout = None
         self.model_path = None
 
+    @staticmethod
+    def check_args(args: RunArgs) -> None:
+        """What this backend does not support yet, and what it needs, before any model is loaded."""
+        unsupported = {
+            "--rollout vllm --vllm_mode colocate (use --vllm_mode server, or --rollout hf)":
+                args.rollout == "vllm" and args.vllm_mode == "colocate",
+            "--check_weight_sync": args.check_weight_sync,
+            "--eval_datasets": bool(args.eval_datasets),
+            "--eval_every": args.eval_every > 0,
+            "--teacher_kind trust_region": args.teacher_kind == "trust_region",
+            "--teacher_fp32": args.teacher_fp32,
+            "--use_peft": args.use_peft,
+        }
+        named = [flag for flag, used in unsupported.items() if used]
+        if named:
+            raise UserInputError(f"--backend megatron does not support {', '.join(named)} yet; drop the flag or use "
+                                 "--backend accelerate.")
+        if args.model is None or not Path(args.model).is_dir():
+            raise UserInputError("--backend megatron loads a local Hugging Face folder: pass --model /path/to/model "
+                                 f"(got {args.model!r}; download hub models first with `hf download`).")
+
     # ------------------------------------------------------------------ models
-    def load_models(self, model_path: str, teacher_kind: str, teacher_path: str | None, dtype: torch.dtype
-                    ) -> tuple[nn.Module, nn.Module]:
-        from sdft_utils.megatron.training import load_gpt_model, make_megatron_teacher
-
-        model, self.layout = load_gpt_model(model_path, self.tensor_parallel_size, dtype)
-        self.model_path = model_path
-        teacher = make_megatron_teacher(teacher_kind, model, teacher_path or model_path, self.tensor_parallel_size,
-                                        dtype)
-        return model, teacher
-
-    def eos_token_ids(self, tokenizer) -> list[int]:
+    def load_models(self, model_path: str, tokenizer) -> tuple[nn.Module, nn.Module, list[int]]:
         from transformers import GenerationConfig
 
-        try:
-            configured = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-        except OSError:
-            configured = None
-        configured = configured if isinstance(configured, list) else [configured]
-        return sorted({tokenizer.eos_token_id, *configured} - {None})
+        from sdft_utils.megatron.training import load_gpt_model, make_megatron_teacher
 
-    # ------------------------------------------------------------------ loss and step
-    def token_divergence(self, student_hidden: Tensor, student_head_weight: Tensor, teacher_hidden: Tensor,
-                         teacher_head_weight: Tensor, completion_ids: Tensor, *, student_head_bias=None,
-                         teacher_head_bias=None, **options: Any) -> TokenDivergence:
-        """Same call as losses.chunked_token_divergence, on head shards (no biases in these architectures)."""
+        # mixed precision: float32 shards, bf16 compute under autocast in `hidden_states`
+        model, self.layout = load_gpt_model(model_path, self.tensor_parallel_size, self.precision.parameters)
+        self.model_path = model_path
+        teacher = make_megatron_teacher(self.args.teacher_kind, model, self.args.teacher_model or model_path,
+                                        self.tensor_parallel_size, self.precision.parameters)
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            generation_config = None
+        return model, teacher, eos_token_ids(tokenizer, generation_config)
+
+    def prepare(self, model: nn.Module, teacher: nn.Module, optimizer, scheduler):
+        return model, teacher, optimizer  # the shards are placed already; checkpoints carry the teacher shards
+
+    # ------------------------------------------------------------------ scoring and loss
+    def hidden_states(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, width: int) -> Tensor:
+        from sdft_utils.megatron.training import completion_hidden_states
+
+        with torch.autocast(input_ids.device.type, self.precision.compute or torch.float32,
+                            enabled=self.precision.compute is not None):
+            return completion_hidden_states(model, input_ids, attention_mask, width)
+
+    def teacher_head(self, teacher: nn.Module) -> tuple[Tensor, Tensor | None]:
+        from sdft_utils.megatron.training import output_head_shard
+
+        return output_head_shard(teacher).detach(), None  # this rank's vocabulary rows: the loss is vocab-parallel
+
+    def token_divergence(self, model: nn.Module, student_hidden: Tensor, teacher_hidden: Tensor,
+                         teacher_head: tuple[Tensor, Tensor | None], completion_ids: Tensor,
+                         options: DivergenceOptions) -> TokenDivergence:
+        """Megatron's vocab-parallel twin of the chunked divergence; it always recomputes the logits in backward
+        (`options.grad_memory_mib` is not used)."""
+        from sdft_utils.megatron.training import output_head_shard
         from sdft_utils.megatron.vocab_parallel import vocab_parallel_token_divergence
 
         return vocab_parallel_token_divergence(
-            student_hidden, student_head_weight, teacher_hidden, teacher_head_weight, completion_ids,
-            vocab_size=self.layout.vocab_size, group=self.tp_group, student_head_bias=student_head_bias,
-            teacher_head_bias=teacher_head_bias, **options)
+            student_hidden, output_head_shard(model), teacher_hidden, teacher_head[0], completion_ids,
+            vocab_size=self.layout.vocab_size, group=self.tp_group, alpha=options.alpha, mode=options.mode,
+            top_k=options.top_k, tail_bucket=options.tail_bucket, temperature=options.temperature,
+            chunk_size=options.chunk_size)
+
+    def token_logprobs(self, model: nn.Module, hidden: Tensor, completion_ids: Tensor, temperature: float,
+                       chunk_size: int) -> Tensor:
+        from sdft_utils.megatron.training import output_head_shard
+        from sdft_utils.megatron.vocab_parallel import vocab_parallel_token_logprobs
+
+        return vocab_parallel_token_logprobs(hidden, output_head_shard(model), completion_ids,
+                                             vocab_size=self.layout.vocab_size, group=self.tp_group,
+                                             temperature=temperature, chunk_size=chunk_size)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
         """Complete the gradients (TP-replicated q/k norms, DP average), then clip by the global norm."""
@@ -121,19 +144,20 @@ class MegatronBackend:
         finalize_grads(model)
         return clip_grad_norm_(model, max_norm)
 
-    @property
-    def metric_weight(self) -> float:
-        """Per-step totals are summed over all processes; TP ranks hold copies, so only TP rank 0 contributes."""
-        return 1.0 if self.tp_rank == 0 else 0.0
+    def parameters_finite(self, model: nn.Module) -> bool:
+        finite = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in model.parameters())))
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item() == 1.0)
 
     # ------------------------------------------------------------------ rollouts
-    def rollout_engine(self, args, tokenizer, accelerator, eos_token_ids: list[int], model: nn.Module):
+    def rollout_engine(self, model: nn.Module, tokenizer, model_path: str, eos_token_ids: list[int]):
         """TP rank 0 of each data-parallel group samples; the others receive its rollouts."""
+        args = self.args
         if args.rollout == "vllm":
             from sdft_utils.rollout.vllm_server import VLLMServerRollout
 
             # HTTP transfer of the gathered HF weights (the NCCL path needs per-parameter metadata of an HF model)
-            engine = VLLMServerRollout(args.vllm_server_url, eos_token_ids, accelerator,
+            engine = VLLMServerRollout(args.vllm_server_url, eos_token_ids, self.accelerator,
                                        bucket_bytes=args.vllm_sync_bucket_mb << 20,
                                        connect_timeout=args.vllm_server_timeout, seed=args.seed, transfer="http")
         else:
@@ -141,9 +165,12 @@ class MegatronBackend:
                                     args.generation_batch_size, keep=self.tp_rank == 0)
         return _TensorParallelRollout(engine, self, model)
 
+    def finish(self, model: nn.Module, tokenizer, output_dir) -> None:
+        pass  # the checkpoints are Hugging Face folders already
+
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, output_dir: str | Path, step: int, model: nn.Module, teacher: nn.Module, optimizer,
-                        scheduler, tokenizer, progress: dict, keep_last: int | None) -> Path:
+    def save(self, output_dir: str | Path, step: int, model: nn.Module, teacher: nn.Module, optimizer, scheduler,
+             tokenizer, progress: dict, keep_last: int | None) -> Path:
         """checkpoint-STEP/ = a Hugging Face folder (gathered weights, loadable by from_pretrained) + trainer_state/
         with one file per rank (its model/teacher shards, optimizer, scheduler, RNG) + progress.json, written to
         a .tmp folder and renamed, as sdft_utils.training.checkpoint does."""
@@ -174,7 +201,7 @@ class MegatronBackend:
         dist.barrier()
         return final
 
-    def load_checkpoint(self, path: str | Path, model: nn.Module, teacher: nn.Module, optimizer, scheduler) -> dict:
+    def load(self, path: str | Path, model: nn.Module, teacher: nn.Module, optimizer, scheduler) -> dict:
         path = Path(path)
         progress = json.loads((path / "progress.json").read_text())
         if (progress.get("world_size"), progress.get("tensor_model_parallel_size")) != \

@@ -35,7 +35,7 @@ def require_megatron() -> None:
     try:
         import megatron.core  # noqa: F401
     except ImportError:
-        raise UserInputError("--backend megatron needs megatron-core: pip install -r requirements-megatron.txt "
+        raise UserInputError("--backend megatron needs megatron-core: pip install -e '.[megatron]' "
                              "(megatron-core 0.16.1 on Python 3.11; 0.17+ needs Python >= 3.12).") from None
 
 

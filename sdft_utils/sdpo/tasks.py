@@ -125,17 +125,14 @@ def make_scorer(reward_fn: Verifier | None) -> Callable[[Task, str], Verdict]:
     return score
 
 
-def success_rate(rollout, tokenizer, tasks: list[Task], score: Callable[[Task, str], Verdict], accelerator,
-                 max_prompt_length: int, max_new_tokens: int, threshold: float = 0.5, temperature: float = 0.0,
-                 samples: int = 1) -> float:
-    """Success rate (reward >= threshold) over all processes: greedy by default, or the mean over `samples`
-    completions per question at `temperature` (what the policy actually does when it samples)."""
+def success_rate(rollout, tokenizer, tasks: list[Task], accelerator, max_prompt_length: int,
+                 sampling: SamplingConfig, score: Callable[[Task, str], Verdict], threshold: float = 0.5) -> float:
+    """Success rate (reward >= threshold) over all processes: greedy, or the mean over `sampling.num_samples`
+    completions per question (avg@n, the SDPO paper's validation: what the policy does when it samples)."""
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     correct = 0
     if mine:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                  num_samples=samples if temperature > 0 else 1)
         rollouts = rollout.generate(prompt_ids, sampling)
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         repeated = [task for task in mine for _ in range(sampling.num_samples)]

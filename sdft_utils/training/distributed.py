@@ -27,7 +27,6 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, extract_mo
 from torch import nn
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.training.modeling import is_megatron_model, output_head
 
 T = TypeVar("T")
 
@@ -45,12 +44,13 @@ def start_processes() -> int:
 
 
 def make_accelerator(gradient_accumulation_steps: int, max_grad_norm: float, micro_batch_size: int,
-                     log_with: str | None, project_dir: str) -> Accelerator:
-    """The Accelerator for either script, configured by `accelerate launch --config_file ...` as usual."""
+                     log_with: str | None, project_dir: str, mixed_precision: str = "no") -> Accelerator:
+    """The Accelerator for either script, configured by `accelerate launch --config_file ...` as usual, except for
+    `mixed_precision`, which `--dtype` decides (it overrides the launch config's)."""
     multi_cpu = start_processes() > 1 and not torch.cuda.is_available()
     kwargs_handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_cpu else []
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, log_with=log_with,
-                              project_dir=project_dir, kwargs_handlers=kwargs_handlers,
+                              project_dir=project_dir, kwargs_handlers=kwargs_handlers, mixed_precision=mixed_precision,
                               cpu=multi_cpu and not _deepspeed_requested())
     if multi_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _apply_fsdp_on_cpu(accelerator)
@@ -131,8 +131,6 @@ def run_with_output_head(model: nn.Module, compute: Callable[[torch.Tensor, torc
     until their backward, so there it is a plain call too, and the unit's post-backward reduce-scatters the grad). `compute` returns a tensor, a tuple of tensors or a dataclass
     of tensors (flattened for the hooks, rebuilt here).
     """
-    if is_megatron_model(model):  # --backend megatron: this rank's vocabulary rows, a plain parameter
-        return compute(*output_head(model))
     unwrapped = extract_model_from_parallel(model)
     head = unwrapped.get_output_embeddings()
     if hasattr(head.weight, "ds_id"):
@@ -163,9 +161,6 @@ def gathered_output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor |
 
     Only this one layer is gathered; without sharding the parameters themselves are returned, no copy made.
     """
-    if is_megatron_model(model):  # --backend megatron: this rank's vocabulary rows (the loss is vocab-parallel)
-        weight, bias = output_head(model)
-        return weight.detach(), bias
     head = extract_model_from_parallel(model).get_output_embeddings()
     params = [head.weight] + ([head.bias] if head.bias is not None else [])
     if hasattr(head.weight, "ds_id"):

@@ -30,11 +30,10 @@ from accelerate.utils import DistributedType, extract_model_from_parallel
 from torch import nn
 
 from sdft_utils.errors import UserInputError
+from sdft_utils.training.config import LoraArgs, TeacherArgs
 
 STUDENT_ADAPTER = "default"  # peft's name for the first adapter
 TEACHER_ADAPTER = "ema_teacher"
-# every linear layer of a Llama/Qwen/Mistral decoder block (attention and MLP); not the embeddings or the head
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # the loss multiplies hidden states with the head weight directly, and vLLM gets merged linear weights only
 _UNSUPPORTED_TARGETS = {"lm_head", "embed_tokens", "embed_out", "wte", "output"}
 
@@ -43,11 +42,11 @@ def require_peft() -> None:
     try:
         import peft  # noqa: F401
     except ImportError as error:
-        raise UserInputError("--use_peft needs the `peft` package: pip install -r requirements-peft.txt") from error
+        raise UserInputError("--use_peft needs the `peft` package: pip install -e '.[peft]'") from error
 
 
-def check_peft_args(args, accelerator) -> None:
-    """Refuse LoRA settings that cannot work, before any model is loaded. `args` has the flags of either script."""
+def check_lora(args: LoraArgs | TeacherArgs, accelerator) -> None:
+    """Refuse LoRA settings that cannot work, before any model is loaded (the launch config is known by then)."""
     if not args.use_peft:
         if args.merge_adapter_at_end:
             raise UserInputError("--merge_adapter_at_end merges a LoRA adapter: it needs --use_peft true.")
@@ -65,11 +64,11 @@ def check_peft_args(args, accelerator) -> None:
     if unsupported := sorted(_UNSUPPORTED_TARGETS & set(args.lora_target_modules)):
         problems.append(f"--lora_target_modules {' '.join(unsupported)}: the output head and the embeddings cannot "
                         "carry an adapter here (the loss reads the head weight directly); adapt the linear layers")
-    if getattr(args, "teacher_model", None):
+    if args.teacher_model:
         problems.append("--teacher_model cannot be combined with --use_peft: with LoRA the teacher is the student's "
                         "own base model (adapters off, or an EMA adapter on the same weights). Drop --use_peft to "
                         "distil from another checkpoint, or drop --teacher_model")
-    if getattr(args, "teacher_fp32", False):
+    if args.teacher_fp32:
         problems.append("--teacher_fp32 cannot be combined with --use_peft: the LoRA teachers share the student's "
                         "base weights, so they have the student's dtype (set --dtype float32 for both)")
     distributed = accelerator.distributed_type
@@ -81,8 +80,6 @@ def check_peft_args(args, accelerator) -> None:
     elif distributed == DistributedType.FSDP:
         problems.append("--use_peft under FSDP is not supported: the EMA adapter, the merged vLLM weight sync and the "
                         "adapter checkpoints need full tensors on every rank. Use DDP or DeepSpeed ZeRO-2")
-    elif distributed == DistributedType.MEGATRON_LM:
-        problems.append("--use_peft with Megatron-LM is not supported: use DDP or DeepSpeed ZeRO-2")
     if problems:
         raise UserInputError("invalid LoRA arguments:\n  " + "\n  ".join(problems))
 
@@ -94,7 +91,7 @@ def is_lora_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(extract_model_from_parallel(model), peft.PeftModel)
 
 
-def add_lora(model: nn.Module, args, accelerator=None) -> nn.Module:
+def add_lora(model: nn.Module, args: LoraArgs, accelerator=None) -> nn.Module:
     """Wrap `model` with a trainable LoRA adapter ("default"); its base weights are frozen.
 
     With an `accelerator`, its checkpoints keep only the trained adapter in `trainer_state/` (see

@@ -17,7 +17,8 @@ from sdft_utils.errors import UserInputError
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU and float32 on a CPU (bf16 matmuls are slow and inexact on CPUs)."""
+    """Inference dtype (evaluation): `auto` is bfloat16 on a GPU and float32 on a CPU (bf16 matmuls are slow and
+    inexact on CPUs). Training precision is `sdft_utils.training.backend.resolve_precision`."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
@@ -45,6 +46,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> list[int]:
+    """The tokenizer's end-of-sequence id plus the generation config's (chat models often stop on several)."""
+    configured = None if generation_config is None else generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What the optimizer gets: every parameter of a full model; the adapter only (never a teacher adapter) with LoRA."""
     return [param for param in model.parameters() if param.requires_grad]
@@ -64,17 +72,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def is_megatron_model(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("megatron.")  # --backend megatron: a GPTModel shard
-
-
 def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The lm_head weight (V, H) and bias (V,) or None, of a possibly wrapped model (for a Megatron GPTModel: this
-    rank's vocabulary rows (V/TP, H))."""
-    if is_megatron_model(model):
-        from sdft_utils.megatron.training import output_head_shard
-
-        return output_head_shard(model), None
+    """The lm_head weight (V, H) and bias (V,) or None, of a possibly wrapped model."""
     head = extract_model_from_parallel(model).get_output_embeddings()
     return head.weight, head.bias
 
@@ -96,12 +95,7 @@ def completion_hidden_states(model: nn.Module, input_ids: torch.Tensor, attentio
     `pack` (None = `packs_sequences(model)`): padding-free, the real tokens of all rows go through the model as one
     sequence whose position ids restart at each row, so no layer computes anything for padding; the hidden states at
     padded positions are then 0 (they are never scored).
-    A Megatron GPTModel (--backend megatron) goes through `sdft_utils.megatron.training.completion_hidden_states`.
     """
-    if is_megatron_model(model):
-        from sdft_utils.megatron.training import completion_hidden_states as megatron_hidden_states
-
-        return megatron_hidden_states(model, input_ids, attention_mask, num_completion_tokens)
     unwrapped = extract_model_from_parallel(model)
     decoder = unwrapped.get_decoder()
     captured = {}

@@ -62,7 +62,7 @@ def test_train_sdft_megatron_tp2_trains_saves_and_resumes(tp_model_dir, tmp_path
     output_dir = tmp_path / "out"
     flags = ["--backend", "megatron", "--tensor_model_parallel_size", 2, "--model", tp_model_dir,
              "--dataset", dataset, "--prompts_per_step", 4, "--per_device_batch_size", 2,
-             "--max_completion_length", 10, "--max_prompt_length", 48, "--learning_rate", 1e-3, "--ema_rate", 0.1,
+             "--max_completion_length", 10, "--max_prompt_length", 48, "--learning_rate", 1e-3, "--teacher_update_rate", 0.1,
              "--warmup_ratio", 0.0, "--num_loss_tokens_to_skip", 1, "--save_steps", 1, "--save_total_limit", "none",
              "--alpha", 0.5, "--divergence_mode", "topk", "--top_k", 8]
     torchrun("train_sdft.py", *flags, "--max_steps", 2, "--output_dir", output_dir)
@@ -128,7 +128,7 @@ def test_train_sdpo_megatron_tp2_with_a_vllm_server(tp_model_dir, tmp_path):
     server = start_server(tp_model_dir, tmp_path / "server.log")
     try:
         torchrun("train_sdpo.py", "--backend", "megatron", "--tensor_model_parallel_size", 2, "--model", tp_model_dir,
-                 "--dataset", data, "--output_dir", out, "--questions_per_step", 2, "--num_generations", 2,
+                 "--dataset", data, "--output_dir", out, "--prompts_per_step", 2, "--num_generations", 2,
                  "--per_device_batch_size", 2, "--max_completion_length", 8, "--max_steps", 1, "--top_k", 5,
                  "--learning_rate", 1e-3, "--warmup_steps", 0, "--rollout", "vllm", "--vllm_mode", "server",
                  "--vllm_server_url", server.url)

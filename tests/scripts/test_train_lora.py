@@ -16,7 +16,7 @@ from test_train_sdpo import write_questions  # noqa: E402
 from sdft_utils.testing import run_training_script  # noqa: E402
 
 pytestmark = pytest.mark.slow
-EMA_RATE = 0.1  # common_flags' --ema_rate
+EMA_RATE = 0.1  # common_flags' --teacher_update_rate
 LORA = ["--use_peft", "true", "--lora_r", 4, "--lora_alpha", 8]
 
 
@@ -116,7 +116,7 @@ def test_sdpo_with_lora(tmp_path, tiny_model_dir, teacher_flags):
     out = tmp_path / "out"
     run_training_script(
         "train_sdpo.py", "--model", tiny_model_dir, "--dataset", write_questions(tmp_path / "q.jsonl"),
-        "--output_dir", out, "--questions_per_step", 2, "--num_generations", 4, "--per_device_batch_size", 2,
+        "--output_dir", out, "--prompts_per_step", 2, "--num_generations", 4, "--per_device_batch_size", 2,
         "--max_completion_length", 8, "--max_steps", 2, "--top_k", 5, "--gradient_checkpointing", "false",
         "--learning_rate", 1e-2, "--warmup_steps", 0, *LORA, *teacher_flags)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

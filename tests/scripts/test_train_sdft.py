@@ -31,7 +31,7 @@ def write_dataset(path: Path) -> Path:
 def common_flags(model_dir, dataset, output_dir):
     return ["--model", model_dir, "--dataset", dataset, "--output_dir", output_dir, "--prompts_per_step", 4,
             "--per_device_batch_size", 2, "--max_completion_length", 12, "--max_prompt_length", 48,
-            "--learning_rate", 1e-3, "--ema_rate", EMA_RATE, "--gradient_checkpointing", "false",
+            "--learning_rate", 1e-3, "--teacher_update_rate", EMA_RATE, "--gradient_checkpointing", "false",
             "--warmup_ratio", 0.0, "--num_loss_tokens_to_skip", 1]
 
 

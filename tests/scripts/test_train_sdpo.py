@@ -33,12 +33,12 @@ def write_questions(path: Path) -> Path:
 def test_two_steps_train_log_and_save(tmp_path, tiny_model_dir, teacher_flags):
     data = write_questions(tmp_path / "q.jsonl")
     out = tmp_path / "out"
-    result = run_script("--model", tiny_model_dir, "--dataset", data, "--output_dir", out, "--questions_per_step", 2,
+    result = run_script("--model", tiny_model_dir, "--dataset", data, "--output_dir", out, "--prompts_per_step", 2,
                         "--num_generations", 4, "--per_device_batch_size", 2, "--max_completion_length", 8,
                         "--max_steps", 2, "--save_steps", 1, "--save_total_limit", "none", "--top_k", 5,
                         "--gradient_checkpointing", "false", "--learning_rate", 1e-3, "--warmup_steps", 0,
                         "--eval_datasets", data, "--eval_max_new_tokens", 4, *teacher_flags)
-    assert "greedy success rate" in result.stdout
+    assert "[before training] q: success" in result.stdout and "questions, greedy)" in result.stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in train] == [1, 2]
@@ -65,7 +65,7 @@ def test_bad_data_stops_before_any_model_loads(tmp_path):
 def test_eval_every_logs_the_held_out_success_and_keeps_the_best(tmp_path, tiny_model_dir):
     data = write_questions(tmp_path / "q.jsonl")
     out = tmp_path / "out"
-    result = run_script("--model", tiny_model_dir, "--dataset", data, "--output_dir", out, "--questions_per_step", 2,
+    result = run_script("--model", tiny_model_dir, "--dataset", data, "--output_dir", out, "--prompts_per_step", 2,
                         "--num_generations", 2, "--per_device_batch_size", 2, "--max_completion_length", 6,
                         "--max_steps", 3, "--save_steps", 3, "--save_total_limit", 1, "--top_k", 5,
                         "--gradient_checkpointing", "false", "--warmup_steps", 0, "--eval_datasets", data,

@@ -53,6 +53,7 @@ def test_success_rate_averages_sampled_completions_per_question(tokenizer):
     from accelerate import Accelerator
 
     from sdft_utils.rollout.hf import HFRollout
+    from sdft_utils.rollout.sampling import SamplingConfig
     from sdft_utils.sdpo.tasks import Task, success_rate
     from sdft_utils.sdpo.verifiers import Verdict
     from sdft_utils.testing import tiny_llama
@@ -65,7 +66,9 @@ def test_success_rate_averages_sampled_completions_per_question(tokenizer):
         seen.append(task.row["answer"])
         return Verdict(float(seen.count(task.row["answer"]) % 2 == 1), "")
 
-    rate = success_rate(rollout, tokenizer, tasks, score, Accelerator(cpu=True), 64, 4, temperature=1.0, samples=4)
+    sampled = SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=4)
+    rate = success_rate(rollout, tokenizer, tasks, Accelerator(cpu=True), 64, sampled, score)
     assert len(seen) == 12 and rate == 0.5
     seen.clear()
-    assert success_rate(rollout, tokenizer, tasks, score, Accelerator(cpu=True), 64, 4) == 1.0 and len(seen) == 3
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0.0)
+    assert success_rate(rollout, tokenizer, tasks, Accelerator(cpu=True), 64, greedy, score) == 1.0 and len(seen) == 3

@@ -55,7 +55,7 @@ def sdft_flags(model_dir: Path, data_dir: Path) -> list:
     data = data_dir / "sdft.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return ["--model", model_dir, "--dataset", data, "--prompts_per_step", 4, "--per_device_batch_size", 1,
-            "--max_completion_length", 8, "--max_prompt_length", 48, "--learning_rate", 1e-3, "--ema_rate", 0.1,
+            "--max_completion_length", 8, "--max_prompt_length", 48, "--learning_rate", 1e-3, "--teacher_update_rate", 0.1,
             "--gradient_checkpointing", "true", "--lr_scheduler", "constant_with_warmup", "--warmup_ratio", 0.0,
             "--num_loss_tokens_to_skip", 1, "--save_steps", 1, "--save_total_limit", "none"]
 
@@ -65,7 +65,7 @@ def sdpo_flags(model_dir: Path, data_dir: Path) -> list:
     data = data_dir / "sdpo.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     # two mini-batches and the GRPO hybrid: the data split and both loss terms are exercised
-    return ["--model", model_dir, "--dataset", data, "--questions_per_step", 4, "--num_generations", 2,
+    return ["--model", model_dir, "--dataset", data, "--prompts_per_step", 4, "--num_generations", 2,
             "--per_device_batch_size", 2, "--max_completion_length", 8, "--top_k", 5, "--mini_batches", 2,
             "--grpo_lambda", 0.5, "--gradient_checkpointing", "false", "--learning_rate", 1e-3,
             "--lr_scheduler", "constant_with_warmup", "--warmup_steps", 0, "--save_steps", 1,
