@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,8 @@ T = TypeVar("T")
 def arg(default: Any, help: str, group: str = "general", choices: list | None = None) -> Any:
     """A dataclass field with its help text and the section it belongs to in `--help` and the README."""
     metadata = {"help": help, "group": group, "choices": choices}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -39,8 +40,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_json_object(text: str) -> dict:
+    """A dict-valued flag: a JSON object on the command line (YAML recipes give a mapping directly)."""
+    example = """'{"enable_thinking": false}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as {example}, got {text!r} ({error.msg} at character {error.pos}). "
+            "Quote it for the shell and write JSON: double quotes, lower-case true/false/null") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as {example}, got a {type(value).__name__}: "
+                                         f"{text!r}")
+    return value
+
+
 def _field_kind(annotation: Any) -> tuple[type, bool, bool]:
-    """(scalar type, is_list, is_optional) of a field annotation such as `int`, `str | None`, `list[str]`."""
+    """(scalar type, is_list, is_optional) of a field annotation such as `int`, `str | None`, `list[str]`,
+    `dict[str, Any]` (scalar type dict: one JSON object)."""
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [member for member in typing.get_args(annotation) if member is not type(None)]
@@ -48,11 +65,13 @@ def _field_kind(annotation: Any) -> tuple[type, bool, bool]:
         annotation = members[0]
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0], True, optional
+    if typing.get_origin(annotation) is dict:
+        return dict, False, optional
     return annotation, False, optional
 
 
 def _converter(scalar: type, optional: bool):
-    base = _parse_bool if scalar is bool else scalar
+    base = {bool: _parse_bool, dict: _parse_json_object}.get(scalar, scalar)
 
     def convert(text: str):
         if optional and text.lower() in ("none", "null"):
@@ -76,7 +95,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         group.add_argument(
             f"--{field.name}", type=_converter(scalar, optional), nargs="+" if is_list else None,
             choices=field.metadata.get("choices"), default=argparse.SUPPRESS,
-            metavar="BOOL" if scalar is bool else None,
+            metavar={bool: "BOOL", dict: "JSON"}.get(scalar),
             help=f"{field.metadata.get('help', '')} (default: {default})",
         )
     return parser
@@ -102,6 +121,15 @@ def load_config_file(path: str | Path, cls: type, parser: argparse.ArgumentParse
             hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to see the arguments."
             raise UserInputError(f"{path}: unknown argument '{key}'.{hint}")
         action = actions[key]
+        takes_mapping = action.metavar == "JSON"
+        if isinstance(value, dict):
+            if not takes_mapping:
+                raise UserInputError(f"{path}: '{key}' takes a single value, got a mapping {value!r}.")
+            if not all(isinstance(name, str) for name in value):
+                raise UserInputError(f"{path}: '{key}': the mapping's keys must be names (strings), got "
+                                     f"{[name for name in value if not isinstance(name, str)]!r}.")
+            checked[key] = value
+            continue
         items = value if isinstance(value, list) else [value]
         if action.nargs != "+" and isinstance(value, list):
             raise UserInputError(f"{path}: '{key}' takes one value, got a list {value!r}.")

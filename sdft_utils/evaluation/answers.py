@@ -6,8 +6,10 @@ strings); a greedy completion counts as correct when it contains one of the answ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -50,13 +52,16 @@ def eval_set_name(source: str) -> str:
 
 
 def answer_accuracy(rollout, tokenizer, examples: list[EvalExample], accelerator: Accelerator,
-                    max_prompt_length: int, max_new_tokens: int) -> tuple[float, list[str]]:
-    """Greedy accuracy over all processes, and this process's completions (for printing examples)."""
+                    max_prompt_length: int, max_new_tokens: int,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[float, list[str]]:
+    """Greedy accuracy over all processes, and this process's completions (for printing examples). Prompts are
+    rendered with the student's `chat_template_kwargs`."""
     mine = examples[accelerator.process_index::accelerator.num_processes]
     correct = 0
     texts = []
     if mine:
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length)
+        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length,
+                                              chat_template_kwargs)
         rollouts = rollout.generate(prompt_ids, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         correct = sum(any(answer.lower() in text.lower() for answer in example.answers)

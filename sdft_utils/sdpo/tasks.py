@@ -9,8 +9,9 @@ column may name the verifier per row (mixed data sets); otherwise `--verifier` a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -127,13 +128,15 @@ def make_scorer(reward_fn: Verifier | None) -> Callable[[Task, str], Verdict]:
 
 def success_rate(rollout, tokenizer, tasks: list[Task], score: Callable[[Task, str], Verdict], accelerator,
                  max_prompt_length: int, max_new_tokens: int, threshold: float = 0.5, temperature: float = 0.0,
-                 samples: int = 1) -> float:
+                 samples: int = 1, chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
     """Success rate (reward >= threshold) over all processes: greedy by default, or the mean over `samples`
-    completions per question at `temperature` (what the policy actually does when it samples)."""
+    completions per question at `temperature` (what the policy actually does when it samples). Prompts are rendered
+    with the student's `chat_template_kwargs`."""
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     correct = 0
     if mine:
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length)
+        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length,
+                                              chat_template_kwargs)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   num_samples=samples if temperature > 0 else 1)
         rollouts = rollout.generate(prompt_ids, sampling)
