@@ -78,6 +78,12 @@ def test_loss_logprobs_equal_the_hf_models_own(kind):
     plain = chunked_token_divergence(hidden, weight, hidden, weight, completion.flatten(), temperature=TEMPERATURE)
     assert (plain.student_logprobs - hf_token).abs().max() > 0.05  # without the transform: visibly different
 
+    # a bfloat16 model passes the check too (its head rounds its output), and still fails it without the transform
+    model = model.to(torch.bfloat16)
+    check_logit_transform(model, transform)
+    with pytest.raises(UserInputError):
+        check_logit_transform(model, IDENTITY)
+
 
 def test_transform_is_read_through_text_configs_and_is_the_identity_elsewhere():
     gemma3 = Gemma3Config(text_config=dict(final_logit_softcapping=5.0, vocab_size=VOCAB))
