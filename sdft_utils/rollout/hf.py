@@ -58,7 +58,7 @@ class _SampleAndRecord(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.position += 1
-        banned = self.eos_ids.to(scores.device) if self.position <= self.min_new_tokens else None
+        banned = self.eos_ids if self.position <= self.min_new_tokens else None
         scores, tempered = _sampling_scores(scores, self.sampling, banned)
         tokens, logprobs = sample_tokens(scores, self.row_keys, self.position, self.sampling.logprobs, tempered)
         if self.sampling.logprobs:
@@ -206,7 +206,7 @@ class HFRollout:
         input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(
             prompts, self.pad_token_id, self.prompt_bucket))
         min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
-        recorder = _SampleAndRecord(sampling, row_keys, torch.tensor(self.eos_token_ids), min_new_tokens)
+        recorder = _SampleAndRecord(sampling, row_keys, torch.tensor(self.eos_token_ids, device=device), min_new_tokens)
         compile_config = CompileConfig(backend=self.compile_backend, dynamic=False, fullgraph=False,
                                        mode="reduce-overhead" if self.compile_backend == "inductor" and
                                        device.type == "cuda" else None)
