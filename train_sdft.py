@@ -133,9 +133,10 @@ def main() -> None:
         positions = process_positions(args.prompts_per_step, run.backend.world, run.backend.rank)
         examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed, positions)]
         student_prompts, student_truncated = tokenize_chat_prompts(
-            tokenizer, [example.prompt for example in examples], args.max_prompt_length)
+            tokenizer, [example.prompt for example in examples], args.max_prompt_length, args.student_template_kwargs)
         teacher_prompts, teacher_truncated = tokenize_chat_prompts(
-            tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length)
+            tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length,
+            args.teacher_template_kwargs)
         if student_truncated + teacher_truncated and not warned_about_truncation:
             run.note(f"note: prompts longer than --max_prompt_length {args.max_prompt_length} are cut from the left; "
                      "metrics.jsonl counts them in truncated_prompts")
@@ -163,10 +164,11 @@ def main() -> None:
             loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
             batch = batch.to(run.device)
             with run.accelerator.accumulate(model):
-                per_token = run.token_divergence(batch, scored=loss_mask.bool())  # (B, T) each
+                per_token = run.token_divergence(batch, scored=loss_mask.bool(),  # (B, T) each
+                                                 logprob_top_p=rollouts.logprob_top_p)
                 loss_mask = entropy_quantile_mask(per_token["student_entropy"], loss_mask.to(run.device),
                                                   args.top_entropy_quantile)
-                is_weights, stats = importance_weights(per_token["student_logprobs"], batch.rollout_logprobs,
+                is_weights, stats = importance_weights(per_token["student_logprobs"], per_token["rollout_logprobs"],
                                                        loss_mask, mode=args.is_mode, cap=args.rollout_is_cap)
                 loss = sequence_mean_loss(per_token["loss"] * is_weights, loss_mask)
                 run.backward(loss)

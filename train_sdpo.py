@@ -158,7 +158,8 @@ def main() -> None:
         # this process's share of every mini-batch: an optimizer step sees the same questions on 1 or N processes
         positions = process_positions(args.prompts_per_step, run.backend.world, run.backend.rank, args.mini_batches)
         batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.prompts_per_step, args.seed, positions)]
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length)
+        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length,
+                                              args.student_template_kwargs)
 
         # 1-2. G rollouts per question (per-question seeds: the same on 1 process or N), scored by the verifier
         rollout_start = time.perf_counter()
@@ -173,7 +174,8 @@ def main() -> None:
         reprompts, reprompt_stats = build_reprompts([task.prompt for task in batch_tasks], texts, rewards.tolist(),
                                                     [verdict.feedback for verdict in verdicts], group, reprompt_config)
         teacher_prompts, truncated = tokenize_reprompts(tokenizer, [task.prompt for task in rollout_tasks], reprompts,
-                                                        args.max_reprompt_length, args.reprompt_truncation)
+                                                        args.max_reprompt_length, args.reprompt_truncation,
+                                                        args.teacher_template_kwargs)
         student_prompts = [ids for ids in prompt_ids for _ in range(group)]
         distill_mask = torch.tensor([float(reprompt.used) for reprompt in reprompts])
         advantages = grpo_advantages(rewards, group, args.normalize_advantage_std)
@@ -199,15 +201,16 @@ def main() -> None:
             batch = host_batch.to(run.device)
             with run.accelerator.accumulate(model):
                 per_token = run.token_divergence(batch, scored=host_batch.completion_mask.bool(),
-                                                 policy_logprobs=args.grpo_lambda > 0)
+                                                 policy_logprobs=args.grpo_lambda > 0,
+                                                 logprob_top_p=rollouts.logprob_top_p)
                 mask = batch.completion_mask.float()
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
-                weights, stats = token_is_weights(current, old, batch.rollout_logprobs, args.is_cap,
+                weights, stats = token_is_weights(current, old, per_token["rollout_logprobs"], args.is_cap,
                                                   args.rollout_is_cap)
                 policy = None
                 if args.grpo_lambda > 0:  # the hybrid's GRPO part: log pi(y) with gradients
-                    correction, _ = token_is_weights(old, old, batch.rollout_logprobs, 1.0, args.rollout_is_cap)
+                    correction, _ = token_is_weights(old, old, per_token["rollout_logprobs"], 1.0, args.rollout_is_cap)
                     policy = clipped_policy_loss(per_token["policy_logprobs"], old,
                                                  to_device(advantages[rows], run.device), correction, args.clip_low,
                                                  args.clip_high)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -25,8 +26,8 @@ T = TypeVar("T")
 def arg(default: Any, help: str, group: str = "general", choices: list | None = None) -> Any:
     """A dataclass field with its help text and the section it belongs to in `--help` and the README."""
     metadata = {"help": help, "group": group, "choices": choices}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -46,8 +47,24 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_json_object(text: str) -> dict:
+    """A dict-valued flag: a JSON object on the command line (YAML recipes give a mapping directly)."""
+    example = """'{"enable_thinking": false}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as {example}, got {text!r} ({error.msg} at character {error.pos}). "
+            "Quote it for the shell and write JSON: double quotes, lower-case true/false/null") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as {example}, got a {type(value).__name__}: "
+                                         f"{text!r}")
+    return value
+
+
 def _field_kind(annotation: Any) -> tuple[type, bool, bool]:
-    """(scalar type, is_list, is_optional) of a field annotation such as `int`, `str | None`, `list[str]`."""
+    """(scalar type, is_list, is_optional) of a field annotation such as `int`, `str | None`, `list[str]`,
+    `dict[str, Any]` (scalar type dict: one JSON object)."""
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [member for member in typing.get_args(annotation) if member is not type(None)]
@@ -55,11 +72,13 @@ def _field_kind(annotation: Any) -> tuple[type, bool, bool]:
         annotation = members[0]
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0], True, optional
+    if typing.get_origin(annotation) is dict:
+        return dict, False, optional
     return annotation, False, optional
 
 
 def _converter(scalar: type, optional: bool):
-    base = _parse_bool if scalar is bool else scalar
+    base = {bool: _parse_bool, dict: _parse_json_object}.get(scalar, scalar)
 
     def convert(text: str):
         if optional and text.lower() in ("none", "null"):
@@ -83,7 +102,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         group.add_argument(
             f"--{field.name}", type=_converter(scalar, optional), nargs="+" if is_list else None,
             choices=field.metadata.get("choices"), default=argparse.SUPPRESS,
-            metavar="BOOL" if scalar is bool else None,
+            metavar={bool: "BOOL", dict: "JSON"}.get(scalar),
             help=f"{field.metadata.get('help', '')} (default: {default})",
         )
     return parser
@@ -109,6 +128,15 @@ def load_config_file(path: str | Path, cls: type, parser: argparse.ArgumentParse
             hint = f" Did you mean '{close[0]}'?" if close else " Run with --help to see the arguments."
             raise UserInputError(f"{path}: unknown argument '{key}'.{hint}")
         action = actions[key]
+        takes_mapping = action.metavar == "JSON"
+        if isinstance(value, dict):
+            if not takes_mapping:
+                raise UserInputError(f"{path}: '{key}' takes a single value, got a mapping {value!r}.")
+            if not all(isinstance(name, str) for name in value):
+                raise UserInputError(f"{path}: '{key}': the mapping's keys must be names (strings), got "
+                                     f"{[name for name in value if not isinstance(name, str)]!r}.")
+            checked[key] = value
+            continue
         items = value if isinstance(value, list) else [value]
         if action.nargs != "+" and isinstance(value, list):
             raise UserInputError(f"{path}: '{key}' takes one value, got a list {value!r}.")
@@ -146,7 +174,7 @@ def dataclass_groups(cls: type) -> dict[str, list[dataclasses.Field]]:
     return groups
 
 
-def flag_reference(scripts: dict[str, type]) -> str:
+def flag_reference(scripts: dict[str, type], heading: str = "##") -> str:
     """A Markdown reference of every flag of the scripts' dataclasses (`{"train_sdft.py": Args, ...}`): one table
     per group, one column of defaults per script ("-" where a script has no such flag)."""
     names = list(scripts)
@@ -157,11 +185,9 @@ def flag_reference(scripts: dict[str, type]) -> str:
             flags = groups.setdefault(field.metadata.get("group", "general"), [])
             if field.name not in flags:
                 flags.append(field.name)
-    lines = ["# Flags", "",
-             "Generated from the scripts' argument dataclasses by `python -m sdft_utils.cli docs/flags.md`; a test "
-             "fails when this file is stale. Every flag also works as a key of a `--config` YAML recipe.", ""]
+    lines = []
     for group, flags in groups.items():
-        lines += [f"## {group}", "", "| flag | " + " | ".join(f"`{name}`" for name in names) + " | meaning |",
+        lines += [f"{heading} {group}", "", "| flag | " + " | ".join(f"`{name}`" for name in names) + " | meaning |",
                   "|---|" + "---|" * len(names) + "---|"]
         for flag in flags:
             defaults = [_default_text(fields[name][flag]) if flag in fields[name] else "-" for name in names]
@@ -173,26 +199,43 @@ def flag_reference(scripts: dict[str, type]) -> str:
     return "\n".join(lines)
 
 
+FLAGS_HEADER = """# Flags
+
+Generated from the scripts' argument dataclasses by `python -m sdft_utils.cli docs/flags.md`; a test fails when this
+file is stale. Every flag also works as a key of a `--config` YAML recipe.
+
+## Training scripts
+"""
+
+
+def flags_document(training: dict[str, type], evaluation: type) -> str:
+    """docs/flags.md: the training scripts' flags side by side, then evaluate.py's."""
+    return (FLAGS_HEADER + "\n" + flag_reference(training, "###") + "\n## evaluate.py\n\n"
+            + flag_reference({"evaluate.py": evaluation}, "###"))
+
+
 def _default_text(field: dataclasses.Field) -> str:
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     return f"`{' '.join(map(str, default)) if isinstance(default, list) else default}`"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m sdft_utils.cli docs/flags.md`: write the flag reference of train_sdft.py and train_sdpo.py."""
+    """`python -m sdft_utils.cli docs/flags.md`: write the flag reference of train_sdft.py, train_sdpo.py and
+    evaluate.py."""
     import importlib.util
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
     root = Path(__file__).resolve().parents[1]
     scripts = {}
-    for script in ("train_sdft.py", "train_sdpo.py"):
+    for script in ("train_sdft.py", "train_sdpo.py", "evaluate.py"):
         spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), root / script)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while building the class
         spec.loader.exec_module(module)
         scripts[script] = module.Args
-    text = flag_reference(scripts)
+    evaluation = scripts.pop("evaluate.py")
+    text = flags_document(scripts, evaluation)
     if argv:
         Path(argv[0]).write_text(text)
     else:

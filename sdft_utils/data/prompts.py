@@ -2,14 +2,114 @@
 
 The teacher is the same model as the student; it only sees more context. Its prompt is the student's
 conversation with the last user turn rewritten by a template that embeds the expert demonstration.
+
+Every prompt is rendered by `render_chat`, with optional extra chat-template variables (`ChatTemplateConfig`), e.g.
+`{"enable_thinking": false}`, which turns Qwen3's thinking off as the SDPO release does for student and teacher.
 """
 
 from __future__ import annotations
 
+import difflib
 import string
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from sdft_utils.cli import arg
 from sdft_utils.errors import UserInputError
+
+# apply_chat_template's own arguments (and the conversation itself): a template variable of that name would collide
+RESERVED_TEMPLATE_NAMES = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+@dataclass
+class ChatTemplateConfig:
+    """Extra variables for the chat template, for the student's prompts and (separately) the teacher's."""
+
+    chat_template_kwargs: dict[str, Any] = arg(
+        {}, "extra chat-template variables for the student's prompts (and evaluation), a JSON object, e.g. "
+            "'{\"enable_thinking\": false}' to turn Qwen3's thinking off (the SDPO release's setting)", "data")
+    teacher_chat_template_kwargs: dict[str, Any] | None = arg(
+        None, "the same for the teacher's prompts; none = the student's (--chat_template_kwargs)", "data")
+
+    @property
+    def student_template_kwargs(self) -> dict[str, Any]:
+        return dict(self.chat_template_kwargs)
+
+    @property
+    def teacher_template_kwargs(self) -> dict[str, Any]:
+        kwargs = self.chat_template_kwargs if self.teacher_chat_template_kwargs is None \
+            else self.teacher_chat_template_kwargs
+        return dict(kwargs)
+
+    def _flags(self) -> list[tuple[str, dict[str, Any]]]:
+        flags = [("--chat_template_kwargs", self.chat_template_kwargs)]
+        if self.teacher_chat_template_kwargs is not None:
+            flags.append(("--teacher_chat_template_kwargs", self.teacher_chat_template_kwargs))
+        return flags
+
+    def check(self) -> None:
+        """Before any model loads: each value is a mapping of variable names that apply_chat_template does not
+        already use for its own arguments."""
+        for flag, kwargs in self._flags():
+            if not isinstance(kwargs, Mapping):
+                raise UserInputError(f"{flag} must be a mapping of template variables, e.g. "
+                                     f"'{{\"enable_thinking\": false}}', got {kwargs!r}.")
+            bad = [name for name in kwargs if not isinstance(name, str) or not name.isidentifier()]
+            if bad:
+                raise UserInputError(f"{flag}: template variable names must be identifiers, got {bad!r}.")
+            reserved = sorted(set(kwargs) & RESERVED_TEMPLATE_NAMES)
+            if reserved:
+                raise UserInputError(f"{flag} sets {reserved}, which apply_chat_template sets itself; remove them "
+                                     "(prompts are always rendered with the generation prompt, as text).")
+
+    def check_template(self, tokenizer) -> None:
+        """After the tokenizer loads: every variable set is one the chat template reads, so that a misspelt name
+        (or a recipe's `enable_thinking` with a model that has no thinking mode) is an error, not silently ignored."""
+        variables = template_variables(tokenizer.chat_template)
+        if variables is None:  # a template our parser cannot read (custom tags): nothing to check against
+            return
+        for flag, kwargs in self._flags():
+            unread = sorted(set(kwargs) - variables)
+            if unread:
+                hints = [f"'{name}' -> did you mean '{close[0]}'?" for name in unread
+                         if (close := difflib.get_close_matches(name, sorted(variables), n=1))]
+                offered = sorted(variables - RESERVED_TEMPLATE_NAMES - {"bos_token", "eos_token", "raise_exception"})
+                raise UserInputError(
+                    f"{flag} sets {unread}, which the model's chat template never reads"
+                    + (f" ({'; '.join(hints)})" if hints else "")
+                    + f". The template reads: {offered or 'no extra variables'}. Fix the name, or drop it for this "
+                    f"model (e.g. {flag} '{{}}').")
+
+
+def template_variables(chat_template: str | dict | None) -> set[str] | None:
+    """The variables a Jinja chat template reads (all of its named templates together); None when it cannot be
+    parsed here (e.g. a custom tag)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if chat_template is None:
+        return set()
+    templates = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    environment = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+    try:
+        return set().union(*(jinja2.meta.find_undeclared_variables(environment.parse(text)) for text in templates))
+    except jinja2.TemplateSyntaxError:
+        return None
+
+
+def render_chat(tokenizer, messages: list[dict], chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """One conversation as text, rendered by the tokenizer's chat template with the generation prompt and the extra
+    template variables (`ChatTemplateConfig.student_template_kwargs` / `.teacher_template_kwargs`)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
 
 # The authors' teacher template (Self-Distillation main.py, a string.Template with $orig_content and
 # $output_text), rewritten for str.format. The leading and trailing newlines are part of it.
@@ -111,8 +211,10 @@ def build_teacher_messages(prompt_messages: list[dict], demonstration: str, temp
     return messages
 
 
-def tokenize_chat_prompts(tokenizer, conversations: list[list[dict]], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each conversation rendered by the chat template with the generation prompt.
+def tokenize_chat_prompts(tokenizer, conversations: list[list[dict]], max_length: int,
+                          chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[list[int]], int]:
+    """Token ids of each conversation rendered by the chat template with the generation prompt (`render_chat`, with
+    `chat_template_kwargs` as extra template variables).
 
     The template already writes any BOS token, so the tokenizer call adds no special tokens. Prompts longer
     than `max_length` lose their START (left truncation): the generation prompt and the end of the question
@@ -122,10 +224,7 @@ def tokenize_chat_prompts(tokenizer, conversations: list[list[dict]], max_length
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     if not conversations:
         return [], 0
-    texts = [
-        tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        for conversation in conversations
-    ]
+    texts = [render_chat(tokenizer, conversation, chat_template_kwargs) for conversation in conversations]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     truncated = sum(len(ids) > max_length for ids in encoded)
     return [list(ids[-max_length:]) for ids in encoded], truncated

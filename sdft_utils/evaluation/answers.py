@@ -6,8 +6,10 @@ strings); a greedy completion counts as correct when it contains one of the answ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -50,13 +52,16 @@ def eval_set_name(source: str) -> str:
 
 
 def answer_accuracy(rollout, tokenizer, examples: list[EvalExample], accelerator: Accelerator,
-                    max_prompt_length: int, sampling: SamplingConfig) -> float:
+                    max_prompt_length: int, sampling: SamplingConfig,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
     """Accuracy over all processes: the fraction of completions that contain an answer (greedy by default; with
-    `sampling.num_samples` > 1 the mean over the samples of each question, avg@n)."""
+    `sampling.num_samples` > 1 the mean over the samples of each question, avg@n). Prompts are rendered with the
+    student's `chat_template_kwargs`."""
     mine = examples[accelerator.process_index::accelerator.num_processes]
     correct = 0.0
     if mine:
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length)
+        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length,
+                                              chat_template_kwargs)
         rollouts = rollout.generate(prompt_ids, sampling)
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         repeated = [example for example in mine for _ in range(sampling.num_samples)]

@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from sdft_utils.data.prompts import tokenize_chat_prompts
+from sdft_utils.data.prompts import ChatTemplateConfig, tokenize_chat_prompts
 from sdft_utils.evaluation.suites import score_task, summarize
 from sdft_utils.rollout.hf import HFRollout
 from sdft_utils.rollout.sampling import SamplingConfig
@@ -70,10 +71,12 @@ def close_engine(engine) -> None:
         torch.cuda.empty_cache()
 
 
-def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig,
-                  max_prompt_length: int) -> tuple[list[list[bool]], list[list[str]]]:
-    """Per question: whether each sample is correct, and the sampled texts (samples of a question consecutive)."""
-    prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in tasks], max_prompt_length)
+def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig, max_prompt_length: int,
+                  chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[list[bool]], list[list[str]]]:
+    """Per question: whether each sample is correct, and the sampled texts (samples of a question consecutive).
+    Prompts are rendered with `chat_template_kwargs` as extra template variables."""
+    prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in tasks], max_prompt_length,
+                                          chat_template_kwargs)
     rollouts = engine.generate(prompt_ids, sampling)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     n = sampling.num_samples
@@ -84,17 +87,21 @@ def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig
 
 def evaluate_model(model_path: str, benchmarks: list[Benchmark], sampling: SamplingConfig, pass_k: list[int],
                    max_prompt_length: int, engine_options: dict[str, Any],
-                   completions_file: TextIO | None = None, label: str | None = None) -> dict[str, Any]:
+                   completions_file: TextIO | None = None, label: str | None = None,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """{benchmark: {accuracy, pass@k..., questions}} for one model, plus its wall time; completions go to
-    `completions_file` (an open text file) as JSON lines when given."""
+    `completions_file` (an open text file) as JSON lines when given. `chat_template_kwargs`: extra template
+    variables for every prompt (checked against this model's template)."""
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_path)
+    ChatTemplateConfig(dict(chat_template_kwargs or {})).check_template(tokenizer)
     engine = open_engine(model_path, tokenizer, **engine_options)
     results: dict[str, Any] = {}
     try:
         for benchmark in benchmarks:
             bench_start = time.perf_counter()
-            correct, texts = run_benchmark(engine, tokenizer, benchmark.tasks, sampling, max_prompt_length)
+            correct, texts = run_benchmark(engine, tokenizer, benchmark.tasks, sampling, max_prompt_length,
+                                           chat_template_kwargs)
             results[benchmark.name] = {**summarize(correct, pass_k), "questions": len(correct),
                                        "seconds": round(time.perf_counter() - bench_start, 2)}
             if completions_file is not None:

@@ -11,6 +11,9 @@ Support modes: "full" (whole vocabulary), "topk" (the student's top-K ids, optio
 "sampled" (single-sample reverse-KL estimator on the completion token; alpha must be 1).
 
 The teacher never receives gradients: its logits are detached / computed under no_grad.
+
+`LogitTransform` is what some architectures do to the head's output before the softmax (Gemma-2/3 soft-capping,
+Cohere/Granite scaling): the head-based paths apply it to both models' logits, forward and backward.
 """
 
 from __future__ import annotations
@@ -28,6 +31,57 @@ MODES = ("full", "topk", "sampled")
 
 
 @dataclass(frozen=True)
+class LogitTransform:
+    """logits -> softcap · tanh(scale · logits / softcap) (no tanh when softcap is None), applied to `hidden @ Wᵀ + b`
+    before the temperature. Cohere: scale = logit_scale; Granite: scale = 1 / logits_scaling; Gemma-2/3:
+    softcap = final_logit_softcapping. `training.modeling.logit_transform` reads it from a model config."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"logit scale must be a finite number > 0, got {self.scale}")
+        if self.softcap is not None and not (math.isfinite(self.softcap) and self.softcap > 0):
+            raise ValueError(f"logit softcap must be a finite number > 0 or None, got {self.softcap}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    @property
+    def is_linear(self) -> bool:
+        """True when transforming a weighted sum of logits equals the weighted sum of transformed logits."""
+        return self.softcap is None
+
+    def apply(self, logits: Tensor, inplace: bool = False) -> Tensor:
+        """(…, V) raw logits -> transformed logits. `inplace` only for tensors the caller owns and autograd does not
+        need (the chunked paths' own matmul outputs)."""
+        if self.scale != 1.0:
+            logits = logits.mul_(self.scale) if inplace else logits * self.scale
+        if self.softcap is not None:
+            if inplace:
+                logits = logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            else:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def backward_(self, grad: Tensor, transformed: Tensor | None) -> Tensor:
+        """dL/d(transformed logits) -> dL/d(raw logits), in `grad`'s storage. `transformed`: the transformed logits
+        (needed only with a softcap: d/dx c·tanh(x/c) = 1 − tanh²(x/c) = 1 − (z/c)²)."""
+        if self.softcap is not None:
+            if transformed is None:
+                raise ValueError("a soft-capped logit transform needs the transformed logits for its backward")
+            squared = (transformed / self.softcap).square_()
+            grad = grad.sub_(squared.mul_(grad))
+            del squared
+        return grad if self.scale == 1.0 else grad.mul_(self.scale)
+
+
+IDENTITY = LogitTransform()
+
+
+@dataclass(frozen=True)
 class DivergenceOptions:
     """How `chunked_token_divergence` (and Megatron's vocab-parallel twin) compare the two distributions; the
     keyword arguments of those functions, gathered once from the flags."""
@@ -39,6 +93,8 @@ class DivergenceOptions:
     temperature: float = 1.0
     chunk_size: int = 512
     grad_memory_mib: float = 1024.0
+    logit_transform: LogitTransform = IDENTITY  # the model's soft-capping / scaling of its logits
+    nucleus_top_p: float = 1.0  # < 1: also return the student's top-p nucleus mass (see `full_vocabulary_logprobs`)
 
 
 @dataclass
@@ -47,6 +103,9 @@ class TokenDivergence:
     student_logprobs: Tensor  # (N,) detached log p_s(y_t) of the given completion token (full-vocab normalised)
     teacher_logprobs: Tensor  # (N,) detached log p_t(y_t)
     student_entropy: Tensor  # (N,) detached entropy of the student's full-vocab distribution
+    # (N,) detached log of the probability mass of the student's top-p nucleus (`nucleus_log_mass`) when the caller
+    # asked for one (`nucleus_top_p` < 1), else None
+    student_nucleus_log_mass: Tensor | None = None
 
 
 def _check_divergence_args(alpha: float, mode: str, top_k: int, temperature: float) -> None:
@@ -107,12 +166,38 @@ def topk_logprobs(
     return s.log_softmax(-1), t.log_softmax(-1)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # bf16/fp16 -> float32; float64 stays float64 (gradcheck)
+
+
+def nucleus_log_mass(logprobs: Tensor, top_p: float, block_rows: int = 64) -> Tensor:
+    """(N, V) normalised log-probs -> (N,) log of the probability mass of each row's top-p nucleus, no graph.
+
+    The nucleus is the rule of vLLM's and `rollout.sampling.process_scores`' top-p: the most probable tokens, in
+    decreasing order, up to and including the one at which the cumulative mass reaches `top_p`. A sampler that
+    renormalises over it reports log p(y) − this for a token y of the nucleus. 0 for top_p = 1. Rows are sorted
+    `block_rows` at a time, so the sort's values and int64 indices stay small beside the (N, V) input.
+    """
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    out = torch.zeros(logprobs.shape[:-1], dtype=logprobs.dtype, device=logprobs.device)
+    if top_p == 1.0:
+        return out
+    with torch.no_grad():
+        for start in range(0, logprobs.shape[0], block_rows):
+            ordered = logprobs[start:start + block_rows].detach().sort(dim=-1, descending=True).values
+            probs = ordered.exp()
+            mass_before = probs.cumsum(-1).sub_(probs)  # mass of the tokens more probable than this one
+            out[start:start + block_rows] = ordered.masked_fill_(mass_before >= top_p, -math.inf).logsumexp(-1)
+    return out
+
+
 def _scaled_log_softmax(logits: Tensor, temperature: float) -> Tensor:
-    """(N, V) logits -> float32 log-probs of softmax(logits / temperature).
+    """(N, V) logits -> log-probs of softmax(logits / temperature), in float32 (float64 stays float64).
 
     Rebinding `logits` lets each intermediate (N, V) tensor be freed as soon as the next one exists.
     """
-    logits = logits.float()
+    logits = logits.to(_compute_dtype(logits.dtype))
     if temperature != 1.0:
         logits = logits / temperature
     return logits.log_softmax(-1)
@@ -207,11 +292,14 @@ def token_divergence_from_logits(
     top_k: int = 100,
     tail_bucket: bool = True,
     temperature: float = 1.0,
+    logit_transform: LogitTransform = IDENTITY,
+    nucleus_top_p: float = 1.0,
 ) -> TokenDivergence:
     """Reference path. student_logits/teacher_logits (N, V) (any float dtype; compute in float32), completion_ids (N,).
 
     Returns per-token (N,) tensors; see `TokenDivergence`. All log-probs are of the temperature-scaled
-    distributions. Gradients come from plain autograd.
+    distributions of the transformed logits (`logit_transform`, applied to both before the temperature).
+    Gradients come from plain autograd. `nucleus_top_p` < 1 also returns `nucleus_log_mass` of the student.
     """
     _check_divergence_args(alpha, mode, top_k, temperature)
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
@@ -222,9 +310,10 @@ def token_divergence_from_logits(
     if completion_ids.shape != student_logits.shape[:1]:
         raise ValueError(f"completion_ids must be (N,)={tuple(student_logits.shape[:1])}, got {tuple(completion_ids.shape)}")
 
-    student_logps = _scaled_log_softmax(student_logits, temperature)
+    student_logps = _scaled_log_softmax(logit_transform.apply(student_logits), temperature)
     with torch.no_grad():
-        teacher_logps = _scaled_log_softmax(teacher_logits, temperature)
+        teacher_logps = _scaled_log_softmax(logit_transform.apply(teacher_logits), temperature)
+    nucleus = nucleus_log_mass(student_logps, nucleus_top_p) if nucleus_top_p < 1.0 else None
     loss, student_token, teacher_token = _divergence_on_support(
         student_logps, teacher_logps, completion_ids, alpha, mode, top_k, tail_bucket
     )
@@ -233,6 +322,7 @@ def token_divergence_from_logits(
         student_logprobs=student_token.detach(),
         teacher_logprobs=teacher_token,
         student_entropy=_entropy(student_logps),
+        student_nucleus_log_mass=nucleus,
     )
 
 
@@ -282,14 +372,25 @@ def _logprob_grad(
 def _float_heads(
     s_weight: Tensor, s_bias: Tensor | None, t_weight: Tensor, t_bias: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-    """Float32 views/copies of both heads; one copy when the teacher shares the student's head (self-distillation)."""
-    s_weight32 = s_weight.float()
+    """Float32 views/copies of both heads (float64 stays float64); one copy when the teacher shares the student's head
+    (self-distillation)."""
+    dtype = _compute_dtype(s_weight.dtype)
+    s_weight32 = s_weight.to(dtype)
     same = t_weight.data_ptr() == s_weight.data_ptr() and t_weight.shape == s_weight.shape
     same = same and t_weight.stride() == s_weight.stride() and t_weight.dtype == s_weight.dtype
-    t_weight32 = s_weight32 if same else t_weight.float()
-    return (
-        s_weight32, None if s_bias is None else s_bias.float(), t_weight32, None if t_bias is None else t_bias.float()
-    )
+    t_weight32 = s_weight32 if same else t_weight.to(dtype)
+    return (s_weight32, None if s_bias is None else s_bias.to(dtype), t_weight32,
+            None if t_bias is None else t_bias.to(dtype))
+
+
+def _head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                   transform: LogitTransform, keep_transformed: bool = False) -> tuple[Tensor, Tensor | None]:
+    """One chunk: hidden (chunk, H) and a compute-dtype head -> (log-probs (chunk, V), the transformed logits when
+    `keep_transformed` and the transform's backward needs them (a softcap), else None). Only then do the logits
+    outlive this call: one more (chunk, V) tensor, for the chunks whose gradient is formed."""
+    logits = transform.apply(F.linear(hidden.to(weight.dtype), weight, bias), inplace=True)
+    keep = keep_transformed and transform.softcap is not None
+    return _scaled_log_softmax(logits, temperature), (logits if keep else None)
 
 
 def _log_softmax_backward(grad: Tensor, student_probs: Tensor, temperature: float) -> Tensor:
@@ -317,9 +418,9 @@ class _ChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, options):  # type: ignore[override]
-        alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes = options
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes, transform, top_p = options
         ctx.options = options
-        outputs, supports, teacher_on_support = [], [], []
+        outputs, supports, teacher_on_support, nuclei = [], [], [], []
         # needs_input_grad stays True under torch.no_grad(); the caller zeroes the budget there.
         if not any(ctx.needs_input_grad[:3]):
             grad_budget_bytes = 0
@@ -328,15 +429,18 @@ class _ChunkedDivergence(torch.autograd.Function):
         s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
         chunks = zip(s_hidden.split(chunk_size), t_hidden.split(chunk_size), ids.split(chunk_size), strict=True)
         for index, (s_h, t_h, y) in enumerate(chunks):
-            s_logps = _scaled_log_softmax(F.linear(s_h.float(), s_weight32, s_bias32), temperature)
-            t_logps = _scaled_log_softmax(F.linear(t_h.float(), t_weight32, t_bias32), temperature)
+            chunk_bytes = s_h.shape[0] * s_weight32.shape[0] * s_weight32.element_size()
+            keep = kept_bytes + chunk_bytes <= grad_budget_bytes
+            s_logps, s_transformed = _head_logprobs(s_h, s_weight32, s_bias32, temperature, transform, keep)
+            t_logps, _ = _head_logprobs(t_h, t_weight32, t_bias32, temperature, transform)
+            if top_p < 1.0:
+                nuclei.append(nucleus_log_mass(s_logps, top_p))
             summary = None
             if mode == "topk":  # what backward needs of the teacher, (chunk, K): it then skips the teacher's head
                 support = s_logps.topk(min(top_k, s_logps.shape[-1]), dim=-1).indices
                 summary = (support, t_logps.gather(-1, support))
                 supports.append(summary[0])
                 teacher_on_support.append(summary[1])
-            keep = kept_bytes + s_logps.numel() * s_logps.element_size() <= grad_budget_bytes
             if keep:
                 student_probs = s_logps.exp()  # shared by the gradient, the entropy and log_softmax's backward
             # Both log-prob tensors are this loop's own, so the divergence may overwrite t_logps (so any gradient
@@ -353,16 +457,19 @@ class _ChunkedDivergence(torch.autograd.Function):
             del t_logps
             if keep:
                 entropy = -_row_dot(student_probs, s_logps)
-                kept_grads.append(_log_softmax_backward(grad, student_probs, temperature))
-                kept_chunks.append(index)
-                kept_bytes += kept_grads[-1].numel() * kept_grads[-1].element_size()
+                grad_logits = _log_softmax_backward(grad, student_probs, temperature)
                 del grad, student_probs
+                kept_grads.append(transform.backward_(grad_logits, s_transformed))
+                kept_chunks.append(index)
+                kept_bytes += chunk_bytes
+                del grad_logits, s_transformed
             else:
                 entropy = _entropy(s_logps)
             outputs.append((loss, s_token, t_token, entropy))
             del s_logps  # loop variables outlive the iteration: free before the next chunk's logits exist
         loss, s_token, t_token, entropy = (torch.cat(parts) for parts in zip(*outputs, strict=True))
-        ctx.mark_non_differentiable(s_token, t_token, entropy)
+        nucleus = torch.cat(nuclei) if nuclei else torch.zeros_like(s_token)
+        ctx.mark_non_differentiable(s_token, t_token, entropy, nucleus)
         if mode == "topk":
             summary = (torch.cat(supports), torch.cat(teacher_on_support))
         elif mode == "sampled":
@@ -372,13 +479,13 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx.num_summary, ctx.kept_chunks = len(summary), kept_chunks
         # save_for_backward (not ctx attributes) so that the kept gradients are freed once backward has run.
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *summary, *kept_grads)
-        return loss, s_token, t_token, entropy
+        return loss, s_token, t_token, entropy, nucleus
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):  # type: ignore[override]
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, ids, *saved = ctx.saved_tensors
         summary, kept = saved[:ctx.num_summary], dict(zip(ctx.kept_chunks, saved[ctx.num_summary:], strict=True))
-        alpha, mode, top_k, tail_bucket, temperature, chunk_size, _ = ctx.options
+        alpha, mode, top_k, tail_bucket, temperature, chunk_size, _, transform, _ = ctx.options
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
 
         s_weight32, s_bias32, t_weight32, t_bias32 = _float_heads(s_weight, s_bias, t_weight, t_bias)
@@ -387,24 +494,25 @@ class _ChunkedDivergence(torch.autograd.Function):
         grad_bias = torch.zeros_like(s_bias32) if need_bias else None
         for index, start in enumerate(range(0, s_hidden.shape[0], chunk_size)):
             rows = slice(start, start + chunk_size)
-            s_h = s_hidden[rows].float()
+            s_h = s_hidden[rows].to(s_weight32.dtype)
             if index in kept:
                 grad_logits = kept[index]
             else:
-                s_logps = _scaled_log_softmax(F.linear(s_h, s_weight32, s_bias32), temperature)
+                s_logps, s_transformed = _head_logprobs(s_h, s_weight32, s_bias32, temperature, transform, True)
                 if summary:
                     grad = _logprob_grad(s_logps, None, ids[rows], alpha, mode, top_k, tail_bucket,
                                          tuple(part[rows] for part in summary))
                 else:
-                    t_logps = _scaled_log_softmax(F.linear(t_hidden[rows].float(), t_weight32, t_bias32),
-                                                  temperature)
+                    t_logps, _ = _head_logprobs(t_hidden[rows], t_weight32, t_bias32, temperature, transform)
                     grad = _logprob_grad(s_logps, t_logps, ids[rows], alpha, mode, top_k, tail_bucket)
                     del t_logps
                 grad_logits = _log_softmax_backward(grad, s_logps.exp_(), temperature)
                 del grad, s_logps
+                grad_logits = transform.backward_(grad_logits, s_transformed)
+                del s_transformed
             # dz for the upstream gradient is grad_logits · grad_loss per row: scaling the (chunk, H) factors costs
             # no pass over (chunk, V).
-            scale = grad_loss[rows].float().unsqueeze(-1)
+            scale = grad_loss[rows].to(grad_logits.dtype).unsqueeze(-1)
             if need_hidden:
                 grad_hidden[rows] = ((grad_logits @ s_weight32) * scale).to(s_hidden.dtype)
             if need_weight:
@@ -435,6 +543,8 @@ def chunked_token_divergence(
     temperature: float = 1.0,
     chunk_size: int = 512,
     grad_memory_mib: float = 1024,
+    logit_transform: LogitTransform = IDENTITY,
+    nucleus_top_p: float = 1.0,
 ) -> TokenDivergence:
     """Memory-lean path: hidden states (N, H) of the completion positions and the lm_head weights (V, H).
 
@@ -451,12 +561,19 @@ def chunked_token_divergence(
     always recomputes. Peak extra memory is the kept gradients (at most the budget and 4·N·V bytes) plus about
     five (chunk_size, V) float32 tensors plus a float32 copy of the heads when they are not float32 already.
     Values equal `token_divergence_from_logits` on the explicit logits, whatever the budget.
+
+    `logit_transform` (soft-capping/scaling, `training.modeling.logit_transform`) is applied to both models' logits
+    before the temperature, and its derivative in backward; a softcap costs one more (chunk_size, V) tensor for the
+    chunks whose gradient is formed. `nucleus_top_p` < 1 also returns `student_nucleus_log_mass` (N,): what a top-p
+    sampler's renormalisation subtracts from the student's log-probs (`nucleus_log_mass`; a sort per chunk).
     """
     _check_divergence_args(alpha, mode, top_k, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if not grad_memory_mib >= 0:
         raise ValueError(f"grad_memory_mib must be >= 0, got {grad_memory_mib}")
+    if not 0.0 < nucleus_top_p <= 1.0:
+        raise ValueError(f"nucleus_top_p must lie in (0, 1], got {nucleus_top_p}")
     n = student_hidden.shape[0]
     if student_hidden.dim() != 2 or teacher_hidden.shape[0] != n or completion_ids.shape != (n,):
         raise ValueError(
@@ -473,11 +590,13 @@ def chunked_token_divergence(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (student_hidden, student_head_weight, student_head_bias))
     grad_budget_bytes = int(grad_memory_mib * 2**20) if wants_grad else 0
-    options = (alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes)
+    options = (alpha, mode, top_k, tail_bucket, temperature, chunk_size, grad_budget_bytes, logit_transform,
+               nucleus_top_p)
     # Detaching the teacher inputs makes "teacher gets no gradient" structural, not a convention of backward.
     teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
-    loss, student_logprobs, teacher_logprobs, entropy = _ChunkedDivergence.apply(
+    loss, student_logprobs, teacher_logprobs, entropy, nucleus = _ChunkedDivergence.apply(
         student_hidden, student_head_weight, student_head_bias,
         teacher_hidden.detach(), teacher_head_weight.detach(), teacher_bias, completion_ids, options,
     )
-    return TokenDivergence(loss, student_logprobs, teacher_logprobs, entropy)
+    return TokenDivergence(loss, student_logprobs, teacher_logprobs, entropy,
+                           nucleus if nucleus_top_p < 1.0 else None)

@@ -60,6 +60,17 @@ def sequence_is_weights(
     return weights, stats
 
 
+def full_vocabulary_logprobs(rollout_logprobs: Tensor, nucleus_log_mass: Tensor) -> Tensor:
+    """A top-p sampler's log-probs of its tokens (renormalised over the nucleus, as vLLM reports them) -> the
+    full-vocabulary log-probs at the temperature that the trainer computes: log p(y) = log p_nucleus(y) + log Z.
+
+    The engine does not report its nucleus mass Z, so the trainer's own is used (`nucleus_log_mass`, from
+    `chunked_token_divergence(nucleus_top_p=...)`). The ratio exp(train − result) is then exactly the ratio of the
+    two top-p samplers' probabilities, π_θ(y)/Z_θ over π_engine(y)/Z_engine, for a token inside both nuclei: 1 when
+    the engine samples from the trainer's weights, as at top_p = 1. (B, T) -> (B, T)."""
+    return rollout_logprobs + nucleus_log_mass.to(rollout_logprobs.dtype)
+
+
 IS_MODES = ("sequence_average", "token_truncate", "sequence_mask")
 
 
@@ -167,7 +178,10 @@ def scatter_rows(divergence: TokenDivergence, scored: Tensor, index: Tensor | No
     """Per-token values of the scored positions back into (B, T) tensors (zeros elsewhere). `scored` is the (B, T)
     mask (only its shape is used when `index`, from `scored_index`, is given: then there is no device->host sync)."""
     out = {}
-    for name in ("loss", "student_logprobs", "teacher_logprobs", "student_entropy"):
+    names = ["loss", "student_logprobs", "teacher_logprobs", "student_entropy"]
+    if divergence.student_nucleus_log_mass is not None:
+        names.append("student_nucleus_log_mass")
+    for name in names:
         values = getattr(divergence, name)
         if index is None:
             out[name] = torch.zeros(scored.shape, dtype=values.dtype, device=values.device).masked_scatter(scored,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.losses.divergence import DivergenceOptions, TokenDivergence
+from sdft_utils.losses.divergence import IDENTITY, DivergenceOptions, TokenDivergence
 from sdft_utils.training.backend import accumulation_steps, resolve_precision
 from sdft_utils.training.config import RunArgs
 from sdft_utils.training.distributed import make_accelerator
@@ -59,6 +59,7 @@ class MegatronBackend:
         self.metric_weight = 1.0 if self.tp_rank == 0 else 0.0
         self.layout = None
         self.model_path = None
+        self.logit_transform = IDENTITY  # the converted architectures (Llama, Qwen2, Qwen3) return plain logits
 
     @staticmethod
     def check_args(args: RunArgs) -> None:
@@ -72,6 +73,8 @@ class MegatronBackend:
             "--teacher_kind trust_region": args.teacher_kind == "trust_region",
             "--teacher_fp32": args.teacher_fp32,
             "--use_peft": args.use_peft,
+            "--rollout vllm with --top_p < 1 (the nucleus mass needs a global sort over the sharded vocabulary)":
+                args.rollout == "vllm" and args.top_p < 1.0,
         }
         named = [flag for flag, used in unsupported.items() if used]
         if named:

@@ -22,6 +22,9 @@ its output layer's backward then all-reduces the hidden-state gradient), and `vo
 the replicated hidden states (N, H) and this rank's head shard (V_local, H), chunked over tokens like
 `losses.chunked_token_divergence` so (N, V_local) logits are never held for all tokens; its backward all-reduces the
 hidden-state gradient itself. Values and gradients equal the single-process functions on the full vocabulary.
+A `LogitTransform` (soft-capping/scaling) is elementwise, so it applies to each shard's logits as is, and its
+derivative multiplies each shard's logit gradient. The top-p nucleus mass of `losses.chunked_token_divergence`
+(`nucleus_top_p`) needs a global sort of every row and is not offered here.
 Plain torch.distributed: no megatron-core needed.
 """
 
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdft_utils.losses.divergence import (
+    IDENTITY,
+    LogitTransform,
     Mode,
     TokenDivergence,
     _check_divergence_args,
@@ -118,9 +123,9 @@ def _support_problem(s_support: Tensor, t_support: Tensor, tail_bucket: bool) ->
 def _chunk_forward(s_logits: Tensor, t_logits: Tensor, ids: Tensor, options: tuple, start: int, group
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Valid local logits of one chunk -> replicated (loss, log p_s(y), log p_t(y), student entropy), each (N,)."""
-    alpha, mode, top_k, tail_bucket, temperature, vocab_size = options
-    s = _shard_logprobs(s_logits, temperature, group)
-    t = _shard_logprobs(t_logits, temperature, group)
+    alpha, mode, top_k, tail_bucket, temperature, transform, vocab_size = options
+    s = _shard_logprobs(transform.apply(s_logits), temperature, group)
+    t = _shard_logprobs(transform.apply(t_logits), temperature, group)
     tokens = _gather_global(torch.stack([s, t]).flatten(0, 1), ids.long().repeat(2).unsqueeze(-1), start, group)
     s_token, t_token = tokens.squeeze(-1).chunk(2)
     entropy = _all_reduce(-(s.exp() * s).sum(-1), group)
@@ -138,9 +143,10 @@ def _chunk_forward(s_logits: Tensor, t_logits: Tensor, ids: Tensor, options: tup
 def _chunk_grad_logits(s_logits: Tensor, t_logits: Tensor, ids: Tensor, grad_loss: Tensor, options: tuple,
                        start: int, group) -> Tensor:
     """d(Σ_n grad_loss_n · loss_n) / d(local logits) for one chunk, (N, V_valid) in the compute dtype."""
-    alpha, mode, top_k, tail_bucket, temperature, vocab_size = options
-    s = _shard_logprobs(s_logits, temperature, group)
-    t = _shard_logprobs(t_logits, temperature, group)
+    alpha, mode, top_k, tail_bucket, temperature, transform, vocab_size = options
+    s_transformed = transform.apply(s_logits.to(_compute_dtype(s_logits.dtype)))
+    s = _shard_logprobs(s_transformed, temperature, group)
+    t = _shard_logprobs(transform.apply(t_logits), temperature, group)
     weight = grad_loss.to(s.dtype).unsqueeze(-1)
     if mode == "full":
         # Closed forms of dL/ds (see losses._logprob_grad); elementwise, so local.
@@ -173,8 +179,8 @@ def _chunk_grad_logits(s_logits: Tensor, t_logits: Tensor, ids: Tensor, grad_los
         grad = torch.zeros_like(s)
         if s.shape[-1]:
             grad.scatter_add_(-1, local.clamp(0, s.shape[-1] - 1), torch.where(owned, support_grad, 0.0))
-    # log-softmax backward: dz = (g − p_s Σ_v g) / T
-    return grad.sub_(s.exp_().mul_(row_sum)).div_(temperature)
+    # log-softmax backward: dz = (g − p_s Σ_v g) / T, then through the logit transform (elementwise, local)
+    return transform.backward_(grad.sub_(s.exp_().mul_(row_sum)).div_(temperature), s_transformed)
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
@@ -260,6 +266,14 @@ def _check_shapes(student: Tensor, teacher: Tensor, ids: Tensor, vocab_size: int
                          f"vocab_size={vocab_size}")
 
 
+def _refuse_nucleus(top_p: float) -> None:
+    if top_p != 1.0:
+        raise ValueError(
+            "the top-p nucleus mass (nucleus_top_p < 1) needs a global sort over the sharded vocabulary, which the "
+            "vocab-parallel loss does not do. Sample with --top_p 1.0 under --backend megatron with a vLLM engine, or "
+            "use --rollout hf, whose log-probs are full-vocabulary and need no nucleus mass.")
+
+
 def vocab_parallel_divergence_from_logits(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -273,17 +287,21 @@ def vocab_parallel_divergence_from_logits(
     tail_bucket: bool = True,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    logit_transform: LogitTransform = IDENTITY,
+    nucleus_top_p: float = 1.0,
 ) -> TokenDivergence:
     """Logits shards (N, V_local) of this TP rank (same layout for student and teacher), global completion ids (N,)
     -> per-token (N,) values replicated on every rank, equal to `losses.token_divergence_from_logits` on the full
     (N, vocab_size) logits. Columns beyond `vocab_size` (vocabulary padding) are ignored and get zero gradient.
-    The gradient flows to the student logits only."""
+    The gradient flows to the student logits only. `logit_transform` is applied to both shards' raw logits.
+    `nucleus_top_p` exists for call compatibility with `losses.chunked_token_divergence`; only 1.0 is accepted."""
     _check_divergence_args(alpha, mode, top_k, temperature)
+    _refuse_nucleus(nucleus_top_p)
     _check_shapes(student_logits, teacher_logits, completion_ids, vocab_size, student_logits.shape[-1], group)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"student/teacher logit shards differ: {tuple(student_logits.shape)} vs "
                          f"{tuple(teacher_logits.shape)}")
-    options = (alpha, mode, top_k, tail_bucket, temperature, vocab_size)
+    options = (alpha, mode, top_k, tail_bucket, temperature, logit_transform, vocab_size)
     loss, s_token, t_token, entropy = _VocabParallelDivergence.apply(
         student_logits, None, None, teacher_logits.detach(), None, None, completion_ids, options, chunk_size, group)
     return TokenDivergence(loss, s_token, t_token, entropy)
@@ -306,20 +324,24 @@ def vocab_parallel_token_divergence(
     tail_bucket: bool = True,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    logit_transform: LogitTransform = IDENTITY,
+    nucleus_top_p: float = 1.0,
 ) -> TokenDivergence:
     """Memory-lean path: hidden states (N, H) replicated on the TP ranks (no sequence parallelism) and this rank's
     head rows (V_local, H) -> the same per-token values as `losses.chunked_token_divergence` on the full head.
 
     Gradients reach student_hidden (already summed over the TP group, as the replicated input of a column-parallel
-    linear expects), student_head_shard and its bias; the teacher inputs are constants."""
+    linear expects), student_head_shard and its bias; the teacher inputs are constants. `logit_transform` as in
+    `losses.chunked_token_divergence`; `nucleus_top_p` must be 1.0 (see `vocab_parallel_divergence_from_logits`)."""
     _check_divergence_args(alpha, mode, top_k, temperature)
+    _refuse_nucleus(nucleus_top_p)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_shapes(student_hidden, teacher_hidden, completion_ids, vocab_size, student_head_shard.shape[0], group)
     if teacher_head_shard.shape[0] != student_head_shard.shape[0]:
         raise ValueError(f"student and teacher head shards must hold the same vocabulary rows, got "
                          f"{student_head_shard.shape[0]} and {teacher_head_shard.shape[0]}")
-    options = (alpha, mode, top_k, tail_bucket, temperature, vocab_size)
+    options = (alpha, mode, top_k, tail_bucket, temperature, logit_transform, vocab_size)
     teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()
     loss, s_token, t_token, entropy = _VocabParallelDivergence.apply(
         student_hidden, student_head_shard, student_head_bias, teacher_hidden.detach(), teacher_head_shard.detach(),

@@ -5,6 +5,9 @@ step costs about the same whatever the batch. `HFRollout(compile_decode=True)` u
 cache and a `torch.compile`d decode step instead. Compiled graphs are specialised on shapes, so prompts are
 left-padded to a multiple of `prompt_bucket` tokens and batches to a fixed size; the first call of each shape
 compiles (tens of seconds), later ones replay.
+
+Recorded log-probs are of the tempered full-vocabulary distribution, also under top-p (`Rollouts.logprob_top_p` 1.0):
+what the trainer computes, so they serve as π_old as they are.
 """
 
 from __future__ import annotations
@@ -21,28 +24,44 @@ from sdft_utils.rollout.sampling import (
     Rollouts,
     SamplingConfig,
     left_pad,
-    process_scores,
     row_key,
     sample_tokens,
+    tempered_scores,
+    top_p_filter,
 )
 from sdft_utils.training.distributed import holds_shards
 from sdft_utils.training.modeling import position_ids_from_mask
 
 
+def _sampling_scores(logits: torch.Tensor, sampling: SamplingConfig, banned: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> (scores to sample from: tempered, top-p filtered, `banned` ids at -inf; the tempered scores
+    whose full-vocabulary log-probs are recorded, as the trainer computes them)."""
+    tempered = tempered_scores(logits, sampling.temperature)
+    scores = top_p_filter(tempered, sampling.top_p)
+    if banned is not None:
+        scores = scores.index_fill(-1, banned, float("-inf"))  # out of place: `tempered` stays as the model's
+    return scores, tempered
+
+
 class _SampleAndRecord(LogitsProcessor):
     """HF `generate`'s hook for the compiled path: processes the scores, picks the token with `sample_tokens` and
-    hands generate a one-hot distribution, so both paths sample alike; records the log-prob of each picked token."""
+    hands generate a one-hot distribution, so both paths sample alike; records the log-prob of each picked token.
+    It also holds EOS off for the model's `min_new_tokens` (generate's own processor would change the scores that
+    are recorded)."""
 
-    def __init__(self, temperature: float, top_p: float, row_keys: torch.Tensor | None, record: bool = True):
-        self.temperature, self.top_p, self.row_keys, self.record = temperature, top_p, row_keys, record
+    def __init__(self, sampling: SamplingConfig, row_keys: torch.Tensor | None, eos_ids: torch.Tensor,
+                 min_new_tokens: int = 0):
+        self.sampling, self.row_keys, self.eos_ids, self.min_new_tokens = sampling, row_keys, eos_ids, min_new_tokens
         self.position = 0
         self.recorded: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.position += 1
-        scores = process_scores(scores, self.temperature, self.top_p)
-        tokens, logprobs = sample_tokens(scores, self.row_keys, self.position, self.record)
-        if self.record:
+        banned = self.eos_ids if self.position <= self.min_new_tokens else None
+        scores, tempered = _sampling_scores(scores, self.sampling, banned)
+        tokens, logprobs = sample_tokens(scores, self.row_keys, self.position, self.sampling.logprobs, tempered)
+        if self.sampling.logprobs:
             self.recorded.append(logprobs)
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens.unsqueeze(-1), 0.0)
 
@@ -161,10 +180,10 @@ class HFRollout:
                 output = model(input_ids=feed, attention_mask=attention_mask[:, :width + generated],
                                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = output.past_key_values
-                scores = process_scores(output.logits[:, -1], sampling.temperature, sampling.top_p)
-                if generated < min_new_tokens:  # the model folder's generation_config, as HF generate honours it
-                    scores[:, eos_ids] = float("-inf")
-                chosen, chosen_logprobs = sample_tokens(scores, row_keys, generated + 1, sampling.logprobs)
+                # EOS held off for the model folder's generation_config min_new_tokens, as HF generate does
+                scores, tempered = _sampling_scores(output.logits[:, -1], sampling,
+                                                    eos_ids if generated < min_new_tokens else None)
+                chosen, chosen_logprobs = sample_tokens(scores, row_keys, generated + 1, sampling.logprobs, tempered)
                 tokens[:, generated] = chosen.masked_fill(finished, self.pad_token_id)
                 if logprobs is not None:
                     logprobs[:, generated] = chosen_logprobs
@@ -186,7 +205,8 @@ class HFRollout:
         device = next(model.parameters()).device
         input_ids, attention_mask = (tensor.to(device) for tensor in left_pad(
             prompts, self.pad_token_id, self.prompt_bucket))
-        recorder = _SampleAndRecord(sampling.temperature, sampling.top_p, row_keys, sampling.logprobs)
+        min_new_tokens = getattr(model.generation_config, "min_new_tokens", None) or 0
+        recorder = _SampleAndRecord(sampling, row_keys, torch.tensor(self.eos_token_ids, device=device), min_new_tokens)
         compile_config = CompileConfig(backend=self.compile_backend, dynamic=False, fullgraph=False,
                                        mode="reduce-overhead" if self.compile_backend == "inductor" and
                                        device.type == "cuda" else None)
@@ -195,8 +215,7 @@ class HFRollout:
         config = GenerationConfig(
             do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_ids, use_cache=True, cache_implementation="static",
-            compile_config=compile_config,
-            min_new_tokens=getattr(model.generation_config, "min_new_tokens", None) or 0,
+            compile_config=compile_config, min_new_tokens=0,  # the recorder holds EOS off itself
         )
         was_training = model.training
         model.eval()

@@ -36,11 +36,19 @@ class SamplingConfig:
 
 @dataclass
 class Rollouts:
-    """Completions of a list of prompts; with num_samples > 1 the samples of one prompt are consecutive."""
+    """Completions of a list of prompts; with num_samples > 1 the samples of one prompt are consecutive.
+
+    `logprobs` are of the temperature-scaled distribution, renormalised over the top-p nucleus when
+    `logprob_top_p` < 1. `HFRollout` records the full-vocabulary values (logprob_top_p 1.0), exactly what the trainer
+    computes. vLLM can only report the sampler's renormalised ones under top-p (its `processed_logprobs`; its
+    `raw_logprobs` ignore the temperature), so the vLLM engines set logprob_top_p = the sampling top_p; the trainer
+    then adds its own nucleus mass before comparing (`losses.weighting.full_vocabulary_logprobs`).
+    """
 
     completion_ids: list[list[int]]  # each ends with EOS unless it hit max_new_tokens
-    logprobs: list[list[float]]  # log-prob of each sampled token under the sampling distribution
+    logprobs: list[list[float]]  # log-prob of each sampled token (see above)
     from_training_weights: bool  # True when the engine *is* the training model (no mismatch to correct)
+    logprob_top_p: float = 1.0  # the nucleus the log-probs are renormalised over; 1.0 = the full vocabulary
 
 
 _UINT64 = (1 << 64) - 1
@@ -88,24 +96,36 @@ def uniform_draws(row_keys: torch.Tensor, position: int) -> torch.Tensor:
     return (_shift_right(bits, 11).double() + 0.5) / float(1 << 53)
 
 
+def tempered_scores(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, V) next-token logits -> float32 logits / temperature (0 = greedy: unscaled). May return `logits` itself."""
+    scores = logits.float()
+    return scores / temperature if temperature > 0 else scores
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(B, V) scores -> a copy with the tokens outside the top-p nucleus set to -inf (`scores` itself for top_p 1).
+    The nucleus: the most probable tokens, in decreasing order, up to and including the one at which the cumulative
+    mass reaches top_p (vLLM's rule; `losses.divergence.nucleus_log_mass` measures its mass)."""
+    if not 0 < top_p < 1:
+        return scores
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    sorted_probs = sorted_scores.softmax(-1)
+    drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the token that crosses top_p
+    return scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
 def process_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """(B, V) next-token logits -> float32 scores of the sampling distribution: divided by the temperature (0 =
     greedy: unscaled) and with the tokens outside the top-p nucleus set to -inf."""
-    scores = logits.float()
-    if temperature > 0:
-        scores = scores / temperature
-    if 0 < top_p < 1:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        sorted_probs = sorted_scores.softmax(-1)
-        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the token that crosses top_p
-        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return scores
+    return top_p_filter(tempered_scores(logits, temperature), top_p)
 
 
-def sample_tokens(scores: torch.Tensor, row_keys: torch.Tensor | None, position: int,
-                  record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample_tokens(scores: torch.Tensor, row_keys: torch.Tensor | None, position: int, record: bool = True,
+                  record_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, V) processed scores -> ((B,) tokens, (B,) their log-probs or None). `row_keys` None means greedy.
 
+    The log-probs are those of softmax(`record_from`) (default: the sampled `scores`); `HFRollout` passes the
+    tempered scores before top-p, so it records the full-vocabulary values the trainer computes.
     Sampling inverts the CDF at one counter-based uniform per row: an exact sample whose value depends only on the
     row's scores, key and position, never on the other rows of the batch (unlike torch.multinomial), and one hash
     per row instead of one per vocabulary entry.
@@ -120,7 +140,9 @@ def sample_tokens(scores: torch.Tensor, row_keys: torch.Tensor | None, position:
         tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=scores.shape[-1] - 1)
     if not record:
         return tokens, None
-    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+    if record_from is None or record_from is scores:
+        return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
+    return tokens, record_from.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,8 +39,9 @@ def on_cpu() -> bool:
 def sampling_params(sampling: SamplingConfig, eos_token_ids: list[int], seed: int | None = None):
     from vllm import SamplingParams
 
-    # logprobs=0: only the sampled token's log-prob (processed, i.e. after temperature and top-p; see the engine's
-    # logprobs_mode), which is all the importance-sampling correction needs
+    # logprobs=0: only the sampled token's log-prob, which is all the importance-sampling correction needs. It is
+    # "processed" (the engine's logprobs_mode): after the temperature and renormalised over the top-p nucleus, the
+    # only mode that has the temperature in it ("raw" is the untempered distribution)
     return SamplingParams(n=sampling.num_samples, temperature=sampling.temperature, top_p=sampling.top_p,
                           max_tokens=sampling.max_new_tokens, logprobs=0, stop_token_ids=eos_token_ids, seed=seed)
 
@@ -116,7 +117,7 @@ class VLLMColocateRollout:
             start = self.tp_rank * len(prompt_ids) * sampling.num_samples
             stop = start + len(prompt_ids) * sampling.num_samples
             completions, logprobs = completions[start:stop], logprobs[start:stop]
-        return Rollouts(completions, logprobs, from_training_weights=False)
+        return Rollouts(completions, logprobs, from_training_weights=False, logprob_top_p=sampling.top_p)
 
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:

@@ -8,7 +8,9 @@ which runs
       [--weight-transfer-config '{"backend": "nccl"}'   (GPU)] [--enforce-eager   (CPU)]
 then train with `--rollout vllm --vllm_mode server --vllm_server_url http://HOST:8000`.
 
-Generation: OpenAI `/v1/completions` with token-id prompts and `logprobs: 0` (the sampled token's processed log-prob).
+Generation: OpenAI `/v1/completions` with token-id prompts and `logprobs: 0` (the sampled token's processed log-prob:
+tempered and renormalised over the top-p nucleus; a server started without `--logprobs-mode processed_logprobs` would
+report untempered ones, which the trainer cannot compare with its own).
 Weight updates after every optimizer step, parameters gathered one at a time and sent in whole-layer buckets:
 - GPU (`transfer="nccl"`, written for GPU, not run here): vLLM's native weight-transfer API; the trainer joins an NCCL
   group with the server's workers and broadcasts (`/init_weight_transfer_engine`, `/start_weight_update`,
@@ -112,7 +114,7 @@ class VLLMServerRollout:
         # choices come prompt by prompt, the samples of one prompt consecutive (as Rollouts wants)
         completions = [list(choice["token_ids"]) for choice in choices]
         logprobs = [list(choice["logprobs"]["token_logprobs"]) for choice in choices]
-        return Rollouts(completions, logprobs, from_training_weights=False)
+        return Rollouts(completions, logprobs, from_training_weights=False, logprob_top_p=sampling.top_p)
 
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from sdft_utils.losses.divergence import nucleus_log_mass
 from sdft_utils.training.lora import is_lora_model, merged_parameters
 
 # wrappers add these to parameter names; vLLM expects the Hugging Face checkpoint names
@@ -86,8 +87,10 @@ def layer_buckets(pairs: Iterable[tuple[str, torch.Tensor]], max_bytes: int
 
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, prompt_ids: list[int], completion_ids: list[int], temperature: float,
-                      ) -> torch.Tensor:
-    """The trainer's log-probs of `completion_ids` after `prompt_ids`, at `temperature` (float32, on CPU)."""
+                      top_p: float = 1.0) -> torch.Tensor:
+    """The trainer's log-probs of `completion_ids` after `prompt_ids`, at `temperature` (float32, on CPU). With
+    top_p < 1, renormalised over the trainer's own top-p nucleus at each position (log p − log Z, Z the nucleus
+    mass), the support a top-p sampler such as vLLM reports its log-probs on."""
     model = _unwrap(model)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
@@ -99,7 +102,9 @@ def sequence_logprobs(model: nn.Module, prompt_ids: list[int], completion_ids: l
         model.train(was_training)
     if temperature > 0:
         logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].cpu()
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(-1, ids[0, len(prompt_ids):, None])[:, 0]
+    return (chosen - nucleus_log_mass(logprobs, top_p)).cpu()
 
 
 def check_weight_sync(rollout, model: nn.Module, prompt_ids: list[int], max_new_tokens: int, tolerance: float,

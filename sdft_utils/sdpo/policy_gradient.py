@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from sdft_utils.losses.divergence import IDENTITY, LogitTransform
 from sdft_utils.losses.weighting import sequence_mean_loss
 
 
@@ -55,16 +56,17 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     return loss if rollout_weights is None else loss * rollout_weights.detach()
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, temperature: float) -> Tensor:
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()) / temperature
-    return logits.log_softmax(-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, temperature: float,
+                    transform: LogitTransform) -> Tensor:
+    logits = transform.apply(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()))
+    return (logits / temperature).log_softmax(-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor, temperature: float = 1.0,
-                   chunk_size: int = 512) -> Tensor:
-    """(N, H) hidden states, (V, H) head, (N,) ids -> (N,) float32 log-probs of softmax(logits / T) with gradients;
-    each chunk's logits are recomputed in backward instead of kept."""
-    parts = [checkpoint(_chunk_logprobs, h, weight, bias, y, temperature, use_reentrant=False)
+                   chunk_size: int = 512, logit_transform: LogitTransform = IDENTITY) -> Tensor:
+    """(N, H) hidden states, (V, H) head, (N,) ids -> (N,) float32 log-probs of softmax(transform(logits) / T) with
+    gradients; each chunk's logits are recomputed in backward instead of kept."""
+    parts = [checkpoint(_chunk_logprobs, h, weight, bias, y, temperature, logit_transform, use_reentrant=False)
              for h, y in zip(hidden.split(chunk_size), ids.split(chunk_size), strict=True)]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 

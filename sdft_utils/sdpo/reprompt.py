@@ -13,9 +13,11 @@ that turn with the templates below. The student's sampled tokens are appended ve
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sdft_utils.data.prompts import to_messages
+from sdft_utils.data.prompts import render_chat, to_messages
 
 REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
 SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
@@ -103,8 +105,10 @@ def build_reprompts(prompts: list[list[dict]], completions: list[str], rewards: 
 
 
 def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Reprompt], max_length: int,
-                       truncation: str = "right") -> tuple[list[list[int]], int]:
-    """Token ids of each teacher prompt (chat template + generation prompt) and how many were too long.
+                       truncation: str = "right", chat_template_kwargs: Mapping[str, Any] | None = None,
+                       ) -> tuple[list[list[int]], int]:
+    """Token ids of each teacher prompt (chat template + generation prompt, `chat_template_kwargs` as extra template
+    variables: the teacher's, `ChatTemplateConfig.teacher_template_kwargs`) and how many were too long.
 
     `prompts[i]` is rollout i's original conversation (needed to re-render a shortened solution). Too-long prompts:
     `right` cuts the end like the release's tokenizer default (the instruction and the generation prompt go first),
@@ -115,7 +119,7 @@ def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Rep
         raise ValueError(f"truncation must be one of {TRUNCATION_SIDES}, got {truncation!r}")
     ids, truncated = [], 0
     for prompt, reprompt in zip(prompts, reprompts, strict=True):
-        tokens = _render(tokenizer, reprompt.messages)
+        tokens = _render(tokenizer, reprompt.messages, chat_template_kwargs)
         if len(tokens) > max_length:
             truncated += 1
             if truncation == "error":
@@ -124,12 +128,13 @@ def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Rep
                 solution_ids = tokenizer(reprompt.solution, add_special_tokens=False)["input_ids"]
                 keep = len(solution_ids) - (len(tokens) - max_length) - 8  # 8 tokens of slack for the "..." and merges
                 shorter = "..." + tokenizer.decode(solution_ids[max(keep, 0):]) if keep > 0 else "..."
-                tokens = _render(tokenizer, reprompt_messages(prompt, shorter, reprompt.feedback))
+                tokens = _render(tokenizer, reprompt_messages(prompt, shorter, reprompt.feedback),
+                                 chat_template_kwargs)
             tokens = tokens[:max_length] if truncation == "right" else tokens[-max_length:]
         ids.append(tokens)
     return ids, truncated
 
 
-def _render(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _render(tokenizer, messages: list[dict], chat_template_kwargs: Mapping[str, Any] | None) -> list[int]:
+    text = render_chat(tokenizer, messages, chat_template_kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -9,8 +9,9 @@ column may name the verifier per row (mixed data sets); otherwise `--verifier` a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,13 +127,16 @@ def make_scorer(reward_fn: Verifier | None) -> Callable[[Task, str], Verdict]:
 
 
 def success_rate(rollout, tokenizer, tasks: list[Task], accelerator, max_prompt_length: int,
-                 sampling: SamplingConfig, score: Callable[[Task, str], Verdict], threshold: float = 0.5) -> float:
+                 sampling: SamplingConfig, score: Callable[[Task, str], Verdict], threshold: float = 0.5,
+                 chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
     """Success rate (reward >= threshold) over all processes: greedy, or the mean over `sampling.num_samples`
-    completions per question (avg@n, the SDPO paper's validation: what the policy does when it samples)."""
+    completions per question (avg@n, the SDPO paper's validation: what the policy does when it samples). Prompts are
+    rendered with the student's `chat_template_kwargs`."""
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     correct = 0
     if mine:
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length)
+        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length,
+                                              chat_template_kwargs)
         rollouts = rollout.generate(prompt_ids, sampling)
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         repeated = [task for task in mine for _ in range(sampling.num_samples)]

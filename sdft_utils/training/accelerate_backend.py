@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdft_utils.losses.divergence import DivergenceOptions, TokenDivergence, chunked_token_divergence
+from sdft_utils.errors import UserInputError
+from sdft_utils.losses.divergence import (
+    IDENTITY,
+    DivergenceOptions,
+    TokenDivergence,
+    chunked_token_divergence,
+)
 from sdft_utils.rollout.engines import make_rollout_engine
 from sdft_utils.sdpo.policy_gradient import token_logprobs
 from sdft_utils.training.backend import accumulation_steps, resolve_precision
@@ -29,7 +35,13 @@ from sdft_utils.training.distributed import (
 )
 from sdft_utils.training.lora import add_lora, check_lora, lora_summary, save_merged_model
 from sdft_utils.training.metrics import tracker_for
-from sdft_utils.training.modeling import completion_hidden_states, eos_token_ids, load_model
+from sdft_utils.training.modeling import (
+    check_logit_transform,
+    completion_hidden_states,
+    eos_token_ids,
+    load_model,
+    logit_transform,
+)
 from sdft_utils.training.teachers import make_teacher
 
 
@@ -45,11 +57,18 @@ class AccelerateBackend:
         self.rank = self.accelerator.process_index
         self.metric_weight = 1.0
         check_lora(args, self.accelerator)  # LoRA combinations that cannot work under this launch config
+        self.logit_transform = IDENTITY  # read from the model's config by load_models
         self.teacher_state: nn.Module | None = None  # what checkpoints must carry of the teacher (an EMA)
 
     def load_models(self, model_path: str, tokenizer) -> tuple[nn.Module, nn.Module, list[int]]:
         args = self.args
         model = load_model(model_path, self.precision.parameters, args.attn_implementation)
+        # Gemma's soft-capping, Cohere's/Granite's scaling: the loss must score what the rollouts sample
+        self.logit_transform = logit_transform(model.config)
+        check_logit_transform(model, self.logit_transform)
+        if args.teacher_kind == "trust_region" and not self.logit_transform.is_linear:
+            raise UserInputError("--teacher_kind trust_region mixes raw logits, which a soft-capped model (Gemma) does "
+                                 "not expose linearly; use --teacher_kind ema or frozen with this model.")
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.use_peft:  # LoRA: the teacher below becomes a view of this one model (sdft_utils/training/lora.py)
@@ -88,7 +107,8 @@ class AccelerateBackend:
                              teacher_head_weight=teacher_weight, teacher_head_bias=teacher_bias,
                              completion_ids=completion_ids, alpha=options.alpha, mode=options.mode,
                              top_k=options.top_k, tail_bucket=options.tail_bucket, temperature=options.temperature,
-                             chunk_size=options.chunk_size, grad_memory_mib=options.grad_memory_mib)
+                             chunk_size=options.chunk_size, grad_memory_mib=options.grad_memory_mib,
+                             logit_transform=options.logit_transform, nucleus_top_p=options.nucleus_top_p)
         # inside the head's forward, so that ZeRO-3 / FSDP2 gather the student's head (a plain call otherwise)
         return run_with_output_head(model, lambda weight, bias: divergence(
             student_hidden, weight, student_head_bias=bias))
@@ -96,7 +116,7 @@ class AccelerateBackend:
     def token_logprobs(self, model: nn.Module, hidden: Tensor, completion_ids: Tensor, temperature: float,
                        chunk_size: int) -> Tensor:
         return run_with_output_head(model, lambda weight, bias: token_logprobs(
-            hidden, weight, bias, completion_ids, temperature, chunk_size))
+            hidden, weight, bias, completion_ids, temperature, chunk_size, self.logit_transform))
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor | float:
         # DeepSpeed clips inside its own step (its config carries --max_grad_norm) and skips a step whose gradients

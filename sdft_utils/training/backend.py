@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.losses.divergence import DivergenceOptions, TokenDivergence
+from sdft_utils.losses.divergence import DivergenceOptions, LogitTransform, TokenDivergence
 from sdft_utils.training.config import RunArgs
 
 
@@ -58,6 +58,7 @@ class Backend(Protocol):
     accelerator: Accelerator  # printing, metric reduction, trackers, gradient-accumulation bookkeeping
     precision: Precision
     metric_weight: float  # per-step totals are summed over processes; copies (TP ranks) count zero
+    logit_transform: LogitTransform  # what the model does to hidden @ W^T before its logits (Gemma soft-capping)
 
     def load_models(self, model_path: str, tokenizer) -> tuple[nn.Module, nn.Module, list[int]]:
         """(student, teacher, end-of-sequence ids); the student with LoRA / gradient checkpointing as flagged."""

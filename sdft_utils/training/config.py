@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdft_utils.cli import arg
+from sdft_utils.data.prompts import ChatTemplateConfig
 from sdft_utils.errors import UserInputError
 
 BACKENDS = ["accelerate", "megatron"]
@@ -270,12 +271,18 @@ def _flash_attn_installed() -> bool:
 # Bases are listed last group first: dataclasses collect fields from the last base to the first, so --help and
 # the flag reference read model, data, rollout, loss, teacher, peft, optimization, outputs, evaluation.
 @dataclass
-class RunArgs(EvalArgs, OutputArgs, OptimArgs, LoraArgs, TeacherArgs, LossArgs, RolloutArgs, DataArgs, ModelArgs):
+class RunArgs(EvalArgs, OutputArgs, OptimArgs, LoraArgs, TeacherArgs, LossArgs, RolloutArgs, ChatTemplateConfig,
+              DataArgs, ModelArgs):
     """Every flag both scripts share."""
 
     def problems(self) -> list[str]:
-        return [problem for group in (ModelArgs, DataArgs, RolloutArgs, LossArgs, TeacherArgs, OptimArgs,
-                                      OutputArgs, EvalArgs) for problem in group.problems(self)]
+        found = [problem for group in (ModelArgs, DataArgs, RolloutArgs, LossArgs, TeacherArgs, OptimArgs,
+                                       OutputArgs, EvalArgs) for problem in group.problems(self)]
+        try:
+            ChatTemplateConfig.check(self)
+        except UserInputError as error:
+            found.append(str(error))
+        return found
 
     def check(self) -> None:
         """All impossible settings at once, before anything is loaded."""

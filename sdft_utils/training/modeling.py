@@ -2,6 +2,8 @@
 
 The loss never asks a model for full-vocabulary logits over the batch. Instead it takes the last hidden state at
 the completion positions and multiplies it with the output head chunk by chunk (`losses.chunked_token_divergence`).
+What some architectures do to the head's output before returning logits (soft-capping, scaling) is read once from
+the config (`logit_transform`) and checked against the model's own forward (`check_logit_transform`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from sdft_utils.errors import UserInputError
+from sdft_utils.losses.divergence import LogitTransform
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -76,6 +80,69 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The lm_head weight (V, H) and bias (V,) or None, of a possibly wrapped model."""
     head = extract_model_from_parallel(model).get_output_embeddings()
     return head.weight, head.bias
+
+
+def logit_transform(config) -> LogitTransform:
+    """What the model's forward does to `lm_head(hidden)` before it returns logits, read from its config, so that the
+    loss (which multiplies hidden states with the head itself) scores the distribution that `generate` and vLLM
+    sample from:
+      Gemma-2/3/3n/4, VaultGemma, nanochat: final_logit_softcapping c -> c · tanh(z / c);
+      Cohere, Cohere2: z · logit_scale;  Granite family, MiniCPM3: z / logits_scaling;
+      HyperCLOVA X: z · logits_scaling;  Falcon-H1: z · lm_head_multiplier.
+    Any other architecture: the identity. A multimodal config is read through its text config.
+    `check_logit_transform` verifies the result against one forward of the model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = str(getattr(text, "model_type", "") or "")
+    scale = 1.0
+    if model_type.startswith("cohere"):
+        scale = float(getattr(text, "logit_scale", None) or 1.0)
+    elif model_type == "hyperclovax":  # multiplies by logits_scaling, where Granite divides
+        scale = float(getattr(text, "logits_scaling", None) or 1.0)
+    elif model_type.startswith("granite") or model_type == "minicpm3":
+        scale = 1.0 / float(getattr(text, "logits_scaling", None) or 1.0)
+    elif model_type == "falcon_h1":
+        scale = float(getattr(text, "lm_head_multiplier", None) or 1.0)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=None if softcap is None else float(softcap))
+
+
+@torch.no_grad()
+def check_logit_transform(model: nn.Module, transform: LogitTransform, num_tokens: int = 8) -> float:
+    """Run a Hugging Face model once on `num_tokens` tokens and compare its own logits with
+    transform(hidden @ Wᵀ + b), the way the loss computes them. Returns the largest difference; raises
+    UserInputError when they differ (an architecture that changes its logits in a way `logit_transform` does not
+    know: training would distil a different distribution from the one the rollouts sample). Call it on the loaded
+    model, before accelerate/DeepSpeed/FSDP wrap it and before LoRA."""
+    model = extract_model_from_parallel(model)
+    weight, bias = output_head(model)
+    ids = (torch.arange(num_tokens, device=weight.device) % weight.shape[0])[None]
+    captured = {}
+
+    def keep_output(module, inputs, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = model.get_decoder().register_forward_hook(keep_output)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    expected = transform.apply(F.linear(captured["hidden"].float(), weight.float(),
+                                        None if bias is None else bias.float()))
+    # a 16-bit head rounds its output to a few significant digits; float32 agrees to rounding noise
+    relative = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
+    difference = (logits - expected).abs().max().item()
+    if not difference <= relative * max(1.0, expected.abs().max().item()):
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
+        raise UserInputError(
+            f"the model's logits differ from its output head applied to its hidden states (largest difference "
+            f"{difference:.3g}; model_type '{model_type}', logit transform read from the config: {transform}). The "
+            "loss computes logits from the hidden states and lm_head itself, so it would train on another "
+            "distribution than the one sampled. This architecture post-processes its logits in a way "
+            "sdft_utils.training.modeling.logit_transform does not know; add it there.")
+    return difference
 
 
 def packs_sequences(model: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.errors import TrainingStopped
 from sdft_utils.losses.divergence import DivergenceOptions
-from sdft_utils.losses.weighting import gather_rows, scatter_rows, scored_index
+from sdft_utils.losses.weighting import full_vocabulary_logprobs, gather_rows, scatter_rows, scored_index
 from sdft_utils.rollout.engines import weight_sync_tolerance
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.rollout.weight_sync import check_weight_sync
@@ -98,7 +98,8 @@ class Run:
         args = self.args
         return DivergenceOptions(alpha=args.alpha, mode=args.divergence_mode, top_k=args.top_k,
                                  tail_bucket=args.tail_bucket, temperature=args.temperature,
-                                 chunk_size=args.loss_chunk_size, grad_memory_mib=args.loss_grad_memory_mib)
+                                 chunk_size=args.loss_chunk_size, grad_memory_mib=args.loss_grad_memory_mib,
+                                 logit_transform=self.backend.logit_transform)
 
     @torch.no_grad()
     def teacher_view(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int):
@@ -119,12 +120,14 @@ class Run:
             bias = (1 - mix) * (0 if bias is None else bias) + mix * (0 if current_bias is None else current_bias)
         return hidden, (weight, bias)
 
-    def token_divergence(self, batch: DistillBatch, scored: torch.Tensor,
-                         policy_logprobs: bool = False) -> dict[str, torch.Tensor]:
+    def token_divergence(self, batch: DistillBatch, scored: torch.Tensor, policy_logprobs: bool = False,
+                         logprob_top_p: float = 1.0) -> dict[str, torch.Tensor]:
         """The teacher (no gradient) and the student score the same completion tokens; the divergence between their
         next-token distributions at the positions of the host mask `scored` (B, T), as (B, T) tensors `loss`,
-        `student_logprobs`, `teacher_logprobs`, `student_entropy` (zeros elsewhere), plus `policy_logprobs`
-        (log pi(y_t) with gradients, for a policy-gradient term) when asked. `batch` is on the device."""
+        `student_logprobs`, `teacher_logprobs`, `student_entropy` (zeros elsewhere), `rollout_logprobs` (the
+        engine's, on the trainer's full-vocabulary scale; None when the rollouts came from the training weights), and
+        `policy_logprobs` (log pi(y_t) with gradients, for a policy-gradient term) when asked. `batch` is on the
+        device; `logprob_top_p` is the rollouts' `Rollouts.logprob_top_p`."""
         index = to_device(scored_index(scored), self.device)  # found on the host: no device->host sync
         width = batch.num_completion_tokens
         # teacher first: its forward's activations are gone before the student's are kept for backward
@@ -132,9 +135,15 @@ class Run:
         student_hidden = self.backend.hidden_states(self.model, batch.student_input_ids, batch.student_attention_mask,
                                                     width)
         hidden, ids = gather_rows(student_hidden, index), gather_rows(batch.completion_ids, index)
+        # vLLM reports log-probs renormalised over the top-p nucleus: the loss also measures the student's nucleus
+        # mass, which puts them back on the full-vocabulary scale of the trainer's log-probs
+        nucleus = logprob_top_p if batch.rollout_logprobs is not None else 1.0
         divergence = self.backend.token_divergence(self.model, hidden, gather_rows(teacher_hidden, index),
-                                                   teacher_head, ids, self.divergence_options())
+                                                   teacher_head, ids,
+                                                   replace(self.divergence_options(), nucleus_top_p=nucleus))
         per_token = scatter_rows(divergence, scored, index)
+        per_token["rollout_logprobs"] = batch.rollout_logprobs if nucleus == 1.0 else \
+            full_vocabulary_logprobs(batch.rollout_logprobs, per_token["student_nucleus_log_mass"])
         if policy_logprobs:
             values = self.backend.token_logprobs(self.model, hidden, ids, self.args.temperature,
                                                  self.args.loss_chunk_size)
@@ -259,6 +268,7 @@ def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: li
 
     model_path = args.model or str(embedded_model_path())
     tokenizer = load_tokenizer(model_path)
+    args.check_template(tokenizer)  # --chat_template_kwargs names only variables this model's template reads
     model, teacher, eos_token_ids = backend.load_models(model_path, tokenizer)
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     # stepped once per step (generation batch), as the SDPO release does with several mini-batches
@@ -294,7 +304,7 @@ def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: li
 
 def make_evaluate(eval_sets: dict[str, list], score_set: Callable[..., float], metric: str) -> Evaluate:
     """The evaluation hook of `start_run`: `score_set(rollout, tokenizer, examples, accelerator, max_prompt_length,
-    sampling) -> float` on every held-out set, logged as eval/NAME_METRIC."""
+    sampling, chat_template_kwargs=...) -> float` on every held-out set, logged as eval/NAME_METRIC."""
 
     def evaluate(run: Run, when: str) -> dict[str, float]:
         sampling = eval_sampling(run.args)
@@ -303,7 +313,7 @@ def make_evaluate(eval_sets: dict[str, list], score_set: Callable[..., float], m
         results = {}
         for name, examples in eval_sets.items():
             value = score_set(run.rollout, run.tokenizer, examples, run.accelerator, run.args.max_prompt_length,
-                              sampling)
+                              sampling, chat_template_kwargs=run.args.student_template_kwargs)
             results[f"eval/{name}_{metric}"] = value
             run.print(f"[{when}] {name}: {metric} {value:.3f} ({len(examples)} questions, {protocol})")
         return results

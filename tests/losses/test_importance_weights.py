@@ -72,3 +72,75 @@ def test_sequence_weights_through_the_token_path_equal_the_sequence_path():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="token_truncate"):
         importance_weights(TRAIN, ROLLOUT, MASK, mode="tis")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Top-p: the sampler's log-probs are renormalised over the nucleus, the trainer's are full-vocabulary
+
+
+def hand_nucleus_mass(probs: list[float], top_p: float) -> float:
+    """Most probable first, up to and including the token at which the cumulative mass reaches top_p."""
+    mass = 0.0
+    for p in sorted(probs, reverse=True):
+        if mass >= top_p:
+            break
+        mass += p
+    return mass
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9, 0.999, 1.0])
+def test_nucleus_log_mass_matches_a_hand_computation_and_the_samplers_filter(top_p):
+    from sdft_utils.losses.divergence import nucleus_log_mass
+    from sdft_utils.rollout.sampling import top_p_filter
+
+    logits = torch.randn(70, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    logprobs = logits.log_softmax(-1)
+    got = nucleus_log_mass(logprobs, top_p, block_rows=16)  # several blocks
+    expected = torch.tensor([math.log(hand_nucleus_mass(row.exp().tolist(), top_p)) for row in logprobs],
+                            dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # the HF sampler's filter keeps exactly that mass
+    kept = top_p_filter(logits, top_p).logsumexp(-1) - logits.logsumexp(-1)
+    torch.testing.assert_close(got, kept, rtol=0, atol=1e-12)
+    if top_p < 0.95:
+        assert got.max() < 0  # the nucleus leaves mass out: the comparison is not vacuous
+
+
+def test_full_vocabulary_logprobs_make_the_ratio_one_for_a_sampler_with_the_same_weights():
+    """A top-p sampler's renormalised log-prob plus the trainer's nucleus mass is the trainer's full-vocabulary
+    log-prob: IS ratio 1, where the raw comparison is biased by the nucleus mass."""
+    from sdft_utils.losses.divergence import nucleus_log_mass
+    from sdft_utils.losses.weighting import full_vocabulary_logprobs
+    from sdft_utils.rollout.sampling import top_p_filter
+
+    logits = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    full = logits.log_softmax(-1)
+    sampler = top_p_filter(logits, 0.8).log_softmax(-1)  # what vLLM's processed_logprobs hold
+    tokens = sampler.argmax(-1, keepdim=True)  # a token of the nucleus
+    engine, trainer = sampler.gather(-1, tokens)[..., 0], full.gather(-1, tokens)[..., 0]
+    nucleus = nucleus_log_mass(full.flatten(0, 1), 0.8).view(2, 5)
+    mask = torch.ones(2, 5)
+    _, stats = importance_weights(trainer, full_vocabulary_logprobs(engine, nucleus), mask, mode="token_truncate")
+    assert stats["is_ratio_min"] == pytest.approx(1.0) and stats["is_ratio_max"] == pytest.approx(1.0)
+    _, biased = importance_weights(trainer, engine, mask, mode="token_truncate")
+    assert biased["is_ratio_max"] < 0.9
+
+
+def test_chunked_loss_returns_the_students_nucleus_mass():
+    from sdft_utils.losses.divergence import (
+        chunked_token_divergence,
+        nucleus_log_mass,
+        token_divergence_from_logits,
+    )
+
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(9, 4, generator=g), torch.randn(30, 4, generator=g) * 2
+    ids = torch.randint(0, 30, (9,), generator=g)
+    out = chunked_token_divergence(hidden, weight, hidden, weight, ids, temperature=0.7, chunk_size=4,
+                                   nucleus_top_p=0.9)
+    expected = nucleus_log_mass(((hidden @ weight.T) / 0.7).log_softmax(-1), 0.9)
+    torch.testing.assert_close(out.student_nucleus_log_mass, expected, rtol=0, atol=1e-6)
+    reference = token_divergence_from_logits(hidden @ weight.T, hidden @ weight.T, ids, temperature=0.7,
+                                             nucleus_top_p=0.9)
+    torch.testing.assert_close(reference.student_nucleus_log_mass, expected, rtol=0, atol=1e-6)
+    assert chunked_token_divergence(hidden, weight, hidden, weight, ids).student_nucleus_log_mass is None

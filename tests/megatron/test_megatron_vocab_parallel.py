@@ -253,3 +253,88 @@ def test_memory_is_bounded_by_the_chunk_and_the_shard_not_the_tokens(tmp_path):
             assert peak_512 < 10 * chunk_bytes + 2 * (vocab // world_size) * hidden * 4
             # doubling the tokens does not grow the peak (keeping N x V_local values would add 16 chunks here)
             assert peak_512 - peak_256 < chunk_bytes / 2, mode
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Logit soft-capping / scaling (Gemma-2/3, Cohere, Granite) on the shards
+
+TRANSFORM_CASES = [(0.5, "full", True), (1.0, "topk", True), (1.0, "sampled", True)]
+
+
+def transform_worker(rank: int, world_size: int) -> dict:
+    from sdft_utils.losses.divergence import LogitTransform
+
+    transform = LogitTransform(scale=2.0, softcap=3.0)
+    results = {}
+    for index, (alpha, mode, tail) in enumerate(TRANSFORM_CASES):
+        options = dict(alpha=alpha, mode=mode, top_k=K, tail_bucket=tail, vocab_size=V, chunk_size=CHUNK,
+                       logit_transform=transform)
+        width = shard_width(world_size, "logits")
+        inputs = make_inputs(index, width * world_size)
+        rows = slice(rank * width, (rank + 1) * width)
+        student = inputs["student_logits"][:, rows].clone().requires_grad_()
+        out = vocab_parallel_divergence_from_logits(student, inputs["teacher_logits"][:, rows], inputs["ids"],
+                                                    temperature=0.7, **options)
+        (out.loss * inputs["token_weights"]).sum().backward()
+        results["logits", index] = {**{f: getattr(out, f) for f in FIELDS}, "grad_logits": student.grad}
+
+        width = shard_width(world_size, "hidden")
+        inputs = make_inputs(index, width * world_size)
+        rows = slice(rank * width, (rank + 1) * width)
+        hidden = inputs["student_hidden"].clone().requires_grad_()
+        weight = inputs["student_weight"][rows].clone().requires_grad_()
+        out = vocab_parallel_token_divergence(hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"][rows],
+                                              inputs["ids"], temperature=0.7, **options)
+        (out.loss * inputs["token_weights"]).sum().backward()
+        results["hidden", index] = {**{f: getattr(out, f) for f in FIELDS}, "grad_hidden": hidden.grad,
+                                    "grad_weight": weight.grad}
+    return results
+
+
+@pytest.fixture(scope="module")
+def transform_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(transform_worker, 2, tmp_path_factory.mktemp("transform"))
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES, ids=case_id)
+def test_logit_transform_on_shards_matches_the_single_process_loss(transform_ranks, case):
+    """Soft-cap + scale applied per shard: values and gradients equal the single-process float64 reference on the
+    transformed full-vocabulary logits (2 gloo ranks, both entry points)."""
+    from sdft_utils.losses.divergence import LogitTransform
+
+    world_size, transform = 2, LogitTransform(scale=2.0, softcap=3.0)
+    index = TRANSFORM_CASES.index(case)
+
+    width = shard_width(world_size, "logits")
+    inputs = make_inputs(index, width * world_size)
+    student = inputs["student_logits"][:, :V].clone().requires_grad_()
+    expected = reference(transform.apply(student), transform.apply(inputs["teacher_logits"][:, :V]), inputs["ids"],
+                         case, temperature=0.7)
+    (expected["loss"] * inputs["token_weights"]).sum().backward()
+    assert_replicated_values(transform_ranks, ("logits", index), expected)
+    grad = torch.cat([r["logits", index]["grad_logits"] for r in transform_ranks], -1)
+    torch.testing.assert_close(grad[:, :V], student.grad, atol=1e-12, rtol=1e-10)
+
+    width = shard_width(world_size, "hidden")
+    inputs = make_inputs(index, width * world_size)
+    hidden = inputs["student_hidden"].clone().requires_grad_()
+    weight = inputs["student_weight"][:V].clone().requires_grad_()
+    teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_weight"][:V].T
+    expected = reference(transform.apply(hidden @ weight.T), transform.apply(teacher_logits), inputs["ids"], case,
+                         temperature=0.7)
+    (expected["loss"] * inputs["token_weights"]).sum().backward()
+    assert_replicated_values(transform_ranks, ("hidden", index), expected)
+    for rank_result in transform_ranks:
+        torch.testing.assert_close(rank_result["hidden", index]["grad_hidden"], hidden.grad, atol=1e-12, rtol=1e-10)
+    grad_weight = torch.cat([r["hidden", index]["grad_weight"] for r in transform_ranks])
+    torch.testing.assert_close(grad_weight[:V], weight.grad, atol=1e-12, rtol=1e-10)
+    # the cap is reached: the untransformed loss differs
+    plain = reference(hidden.detach() @ weight.detach().T, teacher_logits, inputs["ids"], case, temperature=0.7)
+    assert (plain["loss"] - expected["loss"].detach()).abs().max() > 1e-3
+
+
+def test_nucleus_mass_is_refused_under_tensor_parallelism():
+    ids = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="global sort"):
+        vocab_parallel_token_divergence(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, 3), torch.zeros(4, 3), ids,
+                                        vocab_size=4, nucleus_top_p=0.9)

@@ -48,10 +48,17 @@ def test_sampled_logprobs_match_a_forward_pass_of_the_same_tokens():
                                                        num_samples=2))
         assert len(out.completion_ids) == 4 and out.from_training_weights
         repeated = [p for p in prompts for _ in range(2)]
-        expected, mask = reference_logprobs(model, repeated, out.completion_ids, temperature, top_p)
+        # recorded: the tempered full-vocabulary log-probs, what the trainer computes (not renormalised over top-p)
+        assert out.logprob_top_p == 1.0
+        expected, mask = reference_logprobs(model, repeated, out.completion_ids, temperature)
         got, _ = right_pad(out.logprobs, 0.0, torch.float64)
         assert (got.exp() <= 1).all()
         torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
+        # sampled from the nucleus all the same: every token has a finite log-prob there
+        in_nucleus, _ = reference_logprobs(model, repeated, out.completion_ids, temperature, top_p)
+        assert in_nucleus[mask.bool()].isfinite().all()
+        if top_p < 1:  # and the renormalised values are visibly different
+            assert (in_nucleus - expected)[mask.bool()].max() > 0.01
 
 
 def test_compiled_decode_records_the_logprobs_of_what_it_samples():
@@ -60,9 +67,11 @@ def test_compiled_decode_records_the_logprobs_of_what_it_samples():
     rollout = HFRollout(model, 2, [2], compile_decode=True, compile_backend="eager", prompt_bucket=8)
     out = rollout.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.9))
     assert rollout.compile_decode
-    expected, mask = reference_logprobs(model, prompts, out.completion_ids, 0.7, 0.9)
+    expected, mask = reference_logprobs(model, prompts, out.completion_ids, 0.7)  # full vocabulary, as in eager
     got, _ = right_pad(out.logprobs, 0.0, torch.float64)
     torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)
+    in_nucleus, _ = reference_logprobs(model, prompts, out.completion_ids, 0.7, 0.9)
+    assert in_nucleus[mask.bool()].isfinite().all()
 
 
 def test_greedy_picks_the_argmax_token():
@@ -194,3 +203,26 @@ def test_rollouts_without_logprobs_sample_the_same_tokens():
                                                                          logprobs=False))
     assert skipped.completion_ids == recorded.completion_ids
     assert skipped.logprobs == [[], []] and all(len(row) for row in recorded.logprobs)
+
+
+def test_both_decode_paths_record_full_vocabulary_logprobs_under_top_p_and_min_new_tokens():
+    """Top-p and the model folder's min_new_tokens shape what is sampled, not what is recorded: the eager loop and
+    the compiled path (whose recorder, not generate, holds EOS off) sample the same tokens and record the tempered
+    full-vocabulary log-probs the trainer computes."""
+    from sdft_utils.rollout.sampling import prompt_seeds
+
+    model = tiny_llama()
+    model.generation_config.min_new_tokens = 3
+    prompts = [[1, 80, 81, 82, 83], [1, 90]]
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.8, top_p=0.9)
+    seeds = prompt_seeds(seed=1, step=0, positions=[0, 1])
+    eager = HFRollout(model, 2, [2]).generate(prompts, sampling, seeds)
+    compiled = HFRollout(model, 2, [2], compile_decode=True, compile_backend="eager", prompt_bucket=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        static = compiled.generate(prompts, sampling, seeds)
+    assert static.completion_ids == eager.completion_ids
+    expected, mask = reference_logprobs(model, prompts, eager.completion_ids, 0.8)
+    for out in (eager, static):
+        got, _ = right_pad(out.logprobs, 0.0, torch.float64)
+        torch.testing.assert_close(got * mask, expected * mask, atol=2e-5, rtol=0)

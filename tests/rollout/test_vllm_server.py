@@ -70,6 +70,22 @@ def vllm_server(tmp_path_factory):
         assert_group_gone(server.process.pid)  # nothing of the group is left
 
 
+def test_server_logprobs_under_top_p_equal_the_trainers_on_the_nucleus(vllm_server):
+    """Runs before the weight update below: the server still holds the folder's weights. At top_p 0.9 the server
+    reports log-probs renormalised over the nucleus (Rollouts.logprob_top_p says so); the trainer's equal them on its
+    own nucleus, and its full-vocabulary ones are visibly different."""
+    server, model_dir = vllm_server
+    rollout = VLLMServerRollout(server.url, EOS, connect_timeout=10)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rollouts = rollout.generate([PROMPT], SamplingConfig(max_new_tokens=8, temperature=0.8, top_p=0.9, num_samples=2))
+    assert rollouts.logprob_top_p == 0.9
+    for tokens, logprobs in zip(rollouts.completion_ids, rollouts.logprobs, strict=True):
+        engine = torch.tensor(logprobs)
+        torch.testing.assert_close(engine, sequence_logprobs(model, PROMPT, tokens, 0.8, top_p=0.9), rtol=0,
+                                   atol=TOLERANCE)
+        assert (engine - sequence_logprobs(model, PROMPT, tokens, 0.8)).min() > 0.02
+
+
 def test_generate_and_update_weights_through_the_server(vllm_server):
     server, model_dir = vllm_server
     rollout = VLLMServerRollout(server.url, EOS, connect_timeout=10)

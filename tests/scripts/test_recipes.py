@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import train_sdft
-from sdft_utils.cli import flag_reference, parse_args
+from sdft_utils.cli import flags_document, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,10 +40,12 @@ def test_defaults_are_the_authors():
 
 
 def test_the_flag_reference_is_generated_from_both_scripts_and_current():
+    import evaluate
     import train_sdpo
 
-    expected = flag_reference({"train_sdft.py": train_sdft.Args, "train_sdpo.py": train_sdpo.Args})
+    expected = flags_document({"train_sdft.py": train_sdft.Args, "train_sdpo.py": train_sdpo.Args}, evaluate.Args)
     assert (ROOT / "docs" / "flags.md").read_text() == expected, \
         "docs/flags.md is stale: run `python -m sdft_utils.cli docs/flags.md`"
-    for name in {**train_sdft.Args.__dataclass_fields__, **train_sdpo.Args.__dataclass_fields__}:
+    for name in {**train_sdft.Args.__dataclass_fields__, **train_sdpo.Args.__dataclass_fields__,
+                 **evaluate.Args.__dataclass_fields__}:
         assert f"| `--{name}` |" in expected

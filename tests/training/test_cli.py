@@ -1,4 +1,5 @@
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,51 @@ def test_groups_follow_declaration_order():
     groups = dataclass_groups(Demo)
     assert list(groups) == ["optimization", "general", "loss", "data"]
     assert [field.name for field in groups["general"]] == ["name", "flag"]
+
+
+@dataclass
+class WithMappings:
+    template_kwargs: dict[str, Any] = arg({}, "a JSON object", "data")
+    teacher_kwargs: dict[str, Any] | None = arg(None, "another, or none", "data")
+    name: str = arg("x", "a plain string", "general")
+
+
+def test_dict_flags_take_a_json_object_on_the_command_line_and_a_mapping_in_yaml(tmp_path):
+    assert parse_args(WithMappings, []) == WithMappings() and WithMappings().template_kwargs == {}
+    assert WithMappings().template_kwargs is not WithMappings().template_kwargs  # no shared mutable default
+    args = parse_args(WithMappings, ["--template_kwargs", '{"enable_thinking": false, "depth": 2}',
+                                     "--teacher_kwargs", "none"])
+    assert args.template_kwargs == {"enable_thinking": False, "depth": 2} and args.teacher_kwargs is None
+    config = tmp_path / "recipe.yaml"
+    config.write_text("template_kwargs: {enable_thinking: false}\nteacher_kwargs: '{\"enable_thinking\": true}'\n")
+    args = parse_args(WithMappings, ["--config", str(config)])
+    assert args.template_kwargs == {"enable_thinking": False} and args.teacher_kwargs == {"enable_thinking": True}
+    # the command line still overrides the file, with an empty object
+    assert parse_args(WithMappings, ["--config", str(config), "--template_kwargs", "{}"]).template_kwargs == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{enable_thinking: false}", "expected a JSON object such as"),  # YAML-ish, not JSON
+    ("{'enable_thinking': False}", "double quotes"),  # a Python dict
+    ("[1, 2]", "got a list"),
+    ("false", "got a bool"),
+])
+def test_malformed_json_flag_exits_with_status_2_and_says_what_is_expected(capsys, text, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(WithMappings, ["--template_kwargs", text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--template_kwargs" in err and message in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("template_kwargs: '{oops'\n", "'template_kwargs': expected a JSON object"),
+    ("template_kwargs: [a, b]\n", "takes one value, got a list"),
+    ("name: {a: 1}\n", "'name' takes a single value, got a mapping"),
+    ("template_kwargs: {1: true}\n", "keys must be names"),
+])
+def test_bad_mappings_in_yaml_are_user_errors(tmp_path, text, message):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(text)
+    with pytest.raises(UserInputError, match=message):
+        parse_args(WithMappings, ["--config", str(config)])
