@@ -2,7 +2,10 @@
 
 `--rollout hf` samples with Hugging Face `generate` on the training model; `--rollout vllm` uses vLLM, either
 in-process (`--vllm_mode colocate`) or as a separate `vllm serve` process (`--vllm_mode server`, started with
-`python -m sdft_utils.rollout.vllm_server`). All three have `generate(prompt_ids, sampling)` and `sync_weights(model)`.
+`python -m sdft_utils.rollout.vllm_server`). All three have `generate(prompt_ids, sampling)`, `sync_weights(model)`
+and `close()`, which the run's teardown calls after its last collective and before `accelerator.end_training()`: a
+colocated vLLM engine must shut down while the process group it uses still exists.
+vLLM engines sample in the dtype the trainer computes in (bf16/fp16 under mixed precision, else the parameters').
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sdft_utils.errors import UserInputError
+from sdft_utils.rollout.context import fit_engine_length, model_context_length
 from sdft_utils.rollout.hf import HFRollout
 
 ROLLOUT_BACKENDS = ["hf", "vllm"]
@@ -51,6 +55,15 @@ def check_rollout_args(args) -> None:
     if not 0.0 < args.vllm_gpu_memory_utilization <= 1.0:
         raise UserInputError(
             f"--vllm_gpu_memory_utilization must be in (0, 1], got {args.vllm_gpu_memory_utilization}")
+    if args.vllm_mode == "colocate" and args.model:  # lengths the model cannot hold stop here, before it loads
+        fit_engine_length(model_context_length(args.model), args.max_prompt_length, args.max_completion_length,
+                          args.vllm_max_model_len)
+
+
+def compute_dtype(model, accelerator) -> torch.dtype:
+    """The dtype the trainer's forward runs in: the autocast dtype under mixed precision, else the parameters'."""
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    return autocast or next(accelerator.unwrap_model(model).parameters()).dtype
 
 
 def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eos_token_ids: list[int]):
@@ -58,14 +71,17 @@ def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eo
     if args.rollout == "hf":
         return HFRollout(model, tokenizer.pad_token_id, eos_token_ids, args.generation_batch_size,
                          compile_decode=use_compiled_decode(getattr(args, "rollout_compile", "auto"), accelerator))
-    dtype = next(accelerator.unwrap_model(model).parameters()).dtype
+    dtype = compute_dtype(model, accelerator)
     if args.vllm_mode == "colocate":
         from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
 
+        max_model_len, warning = fit_engine_length(model_context_length(model_path), args.max_prompt_length,
+                                                   args.max_completion_length, args.vllm_max_model_len)
+        if warning:
+            accelerator.print(f"warning: {warning}")
         config = VLLMEngineConfig(
             model=model_path, dtype=dtype, tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_len=args.vllm_max_model_len or args.max_prompt_length + args.max_completion_length,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_len=max_model_len,
             enable_sleep=args.vllm_enable_sleep_mode, seed=args.seed)
         return VLLMColocateRollout(config, eos_token_ids, accelerator)
     from sdft_utils.rollout.vllm_server import VLLMServerRollout
@@ -73,4 +89,4 @@ def make_rollout_engine(args, model, tokenizer, accelerator, model_path: str, eo
     # the script syncs the engine once after a possible resume, then after every optimizer step
     return VLLMServerRollout(args.vllm_server_url, eos_token_ids, accelerator,
                              bucket_bytes=args.vllm_sync_bucket_mb << 20, connect_timeout=args.vllm_server_timeout,
-                             seed=args.seed)
+                             seed=args.seed, trainer_dtype=dtype)
