@@ -64,8 +64,9 @@ def open_engine(model_path: str, tokenizer, rollout: str, dtype: torch.dtype, ba
 
 
 def close_engine(engine) -> None:
-    """Free the model before the next one loads (two 7B models rarely fit side by side)."""
-    del engine
+    """Free the model before the next one loads (two 7B models rarely fit side by side): a vLLM engine shuts down
+    (see the engines' `close`), a Hugging Face one is dropped once the caller lets go of it."""
+    engine.close()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -276,6 +276,9 @@ class _HFCopyRollout:
             if name in params:
                 params[name].copy_(tensor)
 
+    def close(self) -> None:
+        """Nothing to shut down: a plain Hugging Face model."""
+
 
 class _TensorParallelRollout:
     """Rollouts computed on TP rank 0 of each data-parallel group and broadcast to its other TP ranks, so that all
@@ -294,3 +297,6 @@ class _TensorParallelRollout:
 
     def sync_weights(self, model: nn.Module) -> None:
         self.engine.sync_weights(self.weights)
+
+    def close(self) -> None:
+        self.engine.close()

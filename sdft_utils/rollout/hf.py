@@ -105,6 +105,9 @@ class HFRollout:
     def sync_weights(self, model: nn.Module) -> None:
         self.model = model  # generate() reads the training parameters directly
 
+    def close(self) -> None:
+        """Nothing to shut down: the engine is the training model."""
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                  seeds: list[int] | None = None) -> Rollouts:

@@ -53,6 +53,7 @@ class VLLMColocateRollout:
         from vllm import LLM
 
         self.eos_token_ids = eos_token_ids
+        self.dtype = config.dtype
         self.cpu = on_cpu()
         self.tp_group, self.tp_rank, tp = None, 0, config.tensor_parallel_size
         world = accelerator.num_processes if accelerator is not None else 1
@@ -125,3 +126,16 @@ class VLLMColocateRollout:
         # one lazy pass: each parameter is gathered (ZeRO-3 / FSDP) only when the engine asks for it
         self.llm.collective_rpc("push_weights", args=(full_parameters(model),))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def close(self) -> None:
+        """Shut the engine down now, while the process group it runs in still exists. Call it after the run's last
+        collective and before `accelerator.end_training()`: left to vLLM's exit-time finaliser, the shutdown comes
+        after end_training destroyed the group and fails with "Invalid process group specified". vLLM's shutdown
+        tears down its whole distributed environment, the default process group included, so end_training then
+        finds none to destroy. Calling it twice is harmless."""
+        if self.llm is None:
+            return
+        if self.tp_group is not None:
+            torch.distributed.barrier()  # no rank may still be inside a collective when the groups go
+        self.llm.llm_engine.engine_core.shutdown()  # detaches the finaliser, so nothing runs again at exit
+        self.llm = None

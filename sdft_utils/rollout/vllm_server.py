@@ -19,6 +19,12 @@ Weight updates after every optimizer step, parameters gathered one at a time and
   blob to the dev-mode endpoint `/collective_rpc`, which calls our worker extension's `push_serialized_weights`
   (layerwise `reload_weights`, tied lm_head repacked). Needs `VLLM_SERVER_DEV_MODE=1`: trusted networks only.
 Both end with `/reset_prefix_cache`.
+
+The server's dtype must be the one the trainer computes in: a bf16 server sampling for a float32 trainer gives
+log-probs a few 1e-3 apart with identical weights, so `--check_weight_sync` fails and the importance weights correct
+for precision instead of staleness. The client asks the server's workers for their dtype when it connects and stops
+with a message naming both when they differ. The launcher's default dtype is therefore `float32` on a machine without
+a GPU (where the trainer trains in float32) and `auto` (the checkpoint's, bf16 for most) with one.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import Rollouts, SamplingConfig
 from sdft_utils.rollout.weight_sync import _unwrap, engine_name, full_parameters, layer_buckets
 
@@ -76,9 +83,38 @@ def wait_until_healthy(url: str, timeout: float, process: subprocess.Popen | Non
 
 
 # ---------------------------------------------------------------------------------------------- the client
+def server_dtype(url: str) -> torch.dtype | None:
+    """The dtype the server's workers hold the model in, asked through the dev-mode `/collective_rpc` of a server
+    started by our launcher; None for a server without it (a plain `vllm serve`), which cannot be checked."""
+    try:
+        results = _request(f"{url}/collective_rpc", {"method": "model_dtype"})["results"]
+    except (RuntimeError, KeyError):
+        return None
+    names = {str(result).removeprefix("torch.") for result in results}
+    if len(names) != 1:
+        raise RuntimeError(f"vLLM server at {url}: its workers report different dtypes {sorted(names)}")
+    return getattr(torch, names.pop())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_server_dtype(url: str, served: torch.dtype | None, trainer: torch.dtype) -> None:
+    if served is None or served == trainer:
+        return
+    raise UserInputError(
+        f"the vLLM server at {url} holds the model in {_dtype_name(served)} but the trainer computes in "
+        f"{_dtype_name(trainer)}: their log-probs would differ by ~1e-3 or more with identical weights (and "
+        f"--check_weight_sync would fail). Restart the server with `python -m sdft_utils.rollout.vllm_server "
+        f"--dtype {_dtype_name(trainer)} ...`, or train in {_dtype_name(served)} (--dtype, or mixed precision in the "
+        "accelerate config).")
+
+
 class VLLMServerRollout:
     def __init__(self, url: str, eos_token_ids: list[int], accelerator=None, bucket_bytes: int = 512 << 20,
-                 connect_timeout: float = 240, seed: int = 0, transfer: str | None = None):
+                 connect_timeout: float = 240, seed: int = 0, transfer: str | None = None,
+                 trainer_dtype: torch.dtype | None = None):
         self.url = url.rstrip("/")
         self.eos_token_ids = eos_token_ids
         self.accelerator = accelerator
@@ -90,6 +126,9 @@ class VLLMServerRollout:
         self._calls = 0
         wait_until_healthy(self.url, connect_timeout)
         self.model_name = _request(f"{self.url}/v1/models")["data"][0]["id"]
+        self.dtype = server_dtype(self.url)
+        if trainer_dtype is not None:  # before the first weight push: a mismatch is a setup mistake, not a sync bug
+            check_server_dtype(self.url, self.dtype, trainer_dtype)
 
     @property
     def _is_main(self) -> bool:
@@ -128,6 +167,9 @@ class VLLMServerRollout:
         if self._is_main:
             _request(f"{self.url}/reset_prefix_cache", {})
         self._barrier()  # no rank samples again before the server has the new weights
+
+    def close(self) -> None:
+        """Nothing to shut down in this process: the server outlives the run (stop it with its launcher)."""
 
     def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save
@@ -179,13 +221,18 @@ def _vllm_serve() -> list[str]:
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 
 
-def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
+def default_dtype() -> str:
+    """float32 without a GPU (what the trainer trains in there), else the checkpoint's own (`auto`)."""
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
+def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
                   tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                   cpu: bool | None = None) -> list[str]:
     """The `vllm serve` command line for a rollout server (see the module docstring)."""
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     command = [*_vllm_serve(), model, "--host", host, "--port", str(port),
-               "--dtype", dtype, "--tensor-parallel-size", str(tensor_parallel_size),
+               "--dtype", dtype or default_dtype(), "--tensor-parallel-size", str(tensor_parallel_size),
                "--gpu-memory-utilization", str(gpu_memory_utilization),
                "--logprobs-mode", "processed_logprobs", "--worker-extension-cls",
                "sdft_utils.rollout.vllm_worker.WeightSyncExtension"]
@@ -244,7 +291,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default=default_dtype(),
+                        help="the dtype the trainer computes in: float32 on a CPU (the default there), bfloat16 under "
+                             "bf16 mixed precision; default: %(default)s")
     parser.add_argument("--tensor_parallel_size", type=int, default=1)
     parser.add_argument("--gpu_memory_utilization", type=float, default=0.9)
     parser.add_argument("--max_model_len", type=int, default=None)

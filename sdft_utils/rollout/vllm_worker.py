@@ -38,6 +38,10 @@ class WeightSyncExtension:
             self._repack_tied_lm_head()
         return count
 
+    def model_dtype(self) -> str:
+        """The dtype the engine holds the model in, e.g. "torch.bfloat16" (the trainer compares it with its own)."""
+        return str(self.model_runner.model_config.dtype)
+
     def push_serialized_weights(self, payload: str) -> int:
         """`push_weights` for a base64 safetensors blob: the dev-mode HTTP `/collective_rpc` passes strings only."""
         from safetensors.torch import load

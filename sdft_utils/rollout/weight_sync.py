@@ -121,8 +121,13 @@ def check_weight_sync(rollout, model: nn.Module, prompt_ids: list[int], max_new_
     trainer = sequence_logprobs(model, prompt_ids, tokens, temperature=1.0)
     difference = (engine - trainer).abs().max().item()
     if not difference <= tolerance:  # also catches nan
+        engine_dtype = getattr(rollout, "dtype", None)
+        precision = (f" The engine computes in {str(engine_dtype).removeprefix('torch.')}, where log-probs differ by "
+                     "up to a few 1e-2 even with identical weights: raise --weight_sync_tolerance (0.25 is the 16-bit "
+                     "default) or run the engine in float32."
+                     if engine_dtype in (torch.bfloat16, torch.float16) else "")
         raise RuntimeError(
             f"weight sync check failed: the rollout engine's log-probs differ from the trainer's by {difference:.3g} "
             f"(> --weight_sync_tolerance {tolerance:g}) on a {len(tokens)}-token sample. The engine is not sampling "
-            "from the trained weights (names not mapped, a layer not reloaded, a stale tied lm_head?).")
+            f"from the trained weights (names not mapped, a layer not reloaded, a stale tied lm_head?).{precision}")
     return difference

@@ -280,6 +280,12 @@ class RunArgs(EvalArgs, OutputArgs, OptimArgs, LoraArgs, TeacherArgs, LossArgs, 
                                        OutputArgs, EvalArgs) for problem in group.problems(self)]
         try:
             ChatTemplateConfig.check(self)
+            if self.rollout == "vllm" and self.vllm_mode == "colocate" and self.model:
+                # lengths the model cannot hold stop here, before it loads (vLLM would fail with a pydantic trace)
+                from sdft_utils.rollout.context import fit_engine_length, model_context_length
+
+                fit_engine_length(model_context_length(self.model), self.max_prompt_length,
+                                  self.max_completion_length, self.vllm_max_model_len)
         except UserInputError as error:
             found.append(str(error))
         return found

@@ -30,7 +30,7 @@ from sdft_utils.assets import embedded_model_path
 from sdft_utils.errors import TrainingStopped
 from sdft_utils.losses.divergence import DivergenceOptions
 from sdft_utils.losses.weighting import full_vocabulary_logprobs, gather_rows, scatter_rows, scored_index
-from sdft_utils.rollout.engines import weight_sync_tolerance
+from sdft_utils.rollout.engines import compute_dtype, weight_sync_tolerance
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.rollout.weight_sync import check_weight_sync
 from sdft_utils.training.backend import Backend, make_backend
@@ -202,7 +202,7 @@ class Run:
             return None
         return check_weight_sync(self.rollout, self.model, probe_prompt, min(self.args.max_completion_length, 32),
                                  weight_sync_tolerance(self.args.weight_sync_tolerance,
-                                                       self.backend.precision.parameters))
+                                                       compute_dtype(self.model, self.accelerator)))
 
     def reduce(self, totals: dict[str, Any]) -> dict[str, float]:
         """Per-process step totals (tensors or numbers) summed over the data-parallel processes; one sync."""
@@ -240,6 +240,7 @@ class Run:
         if after and not self.evaluated:
             self.metrics_log.log(after, self.total_steps)
         self.backend.finish(self.model, self.tokenizer, self.output_dir)
+        self.rollout.close()  # after the last collective, before the process group goes (vLLM's shutdown uses it)
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             for key, value in after.items():

@@ -91,3 +91,89 @@ def test_train_sdft_with_vllm_colocate(tmp_path, tiny_model_dir):
                         "--max_steps", 2, "--rollout", "vllm", "--vllm_mode", "colocate", "--check_weight_sync",
                         "true", "--is_mode", "token_truncate")
     assert_vllm_run(output_dir, result)
+
+
+def write_code_words(path):
+    import json
+
+    rows = [{"prompt": f"What is the code word number {i}?", "demonstration": f"The code word is w{i}x."}
+            for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def model_with_context(path, context: int):
+    from sdft_utils.testing import byte_level_tokenizer, tiny_llama
+
+    model = tiny_llama()
+    model.config.max_position_embeddings = context
+    model.save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_default_lengths_beyond_the_models_context_stop_before_loading(tmp_path):
+    """The default 1,024 + 1,024 tokens on a model with a 1,024-token context: vLLM's config check used to end the
+    run with a pydantic traceback after the model had loaded."""
+    from sdft_utils.testing import run_training_script
+
+    model = model_with_context(tmp_path / "model", 1024)
+    result = run_training_script("train_sdft.py", "--model", model, "--dataset", write_code_words(tmp_path / "t.jsonl"),
+                                 "--output_dir", tmp_path / "out", "--prompts_per_step", 4, "--max_steps", 1,
+                                 "--rollout", "vllm", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "context is 1024 tokens" in result.stderr and "--max_prompt_length" in result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_lengths_beyond_the_context_are_fitted_when_a_full_prompt_leaves_room(tmp_path):
+    import json
+
+    from sdft_utils.testing import run_training_script
+
+    model = model_with_context(tmp_path / "model", 256)
+    result = run_training_script("train_sdft.py", "--model", model, "--dataset", write_code_words(tmp_path / "t.jsonl"),
+                                 "--output_dir", tmp_path / "out", "--prompts_per_step", 4, "--per_device_batch_size",
+                                 2, "--max_steps", 1, "--max_prompt_length", 48, "--max_completion_length", 400,
+                                 "--gradient_checkpointing", "false", "--rollout", "vllm",
+                                 "--vllm_gpu_memory_utilization", 0.05)
+    assert "vLLM's context is cut to the model's 256 tokens" in result.stdout
+    (metrics,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < metrics["completion_length"] <= 256 - 20  # the prompts here are >= 20 tokens
+
+
+SHUTDOWN_PROGRAM = """
+import sys
+from accelerate import Accelerator
+from sdft_utils.rollout.sampling import SamplingConfig
+from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
+
+accelerator = Accelerator(cpu=True)
+rollout = VLLMColocateRollout(VLLMEngineConfig(sys.argv[1], gpu_memory_utilization=0.05, max_model_len=64), [2],
+                              accelerator)
+rollout.generate([[1, 40, 41]], SamplingConfig(max_new_tokens=4))
+if sys.argv[2] == "close":
+    rollout.close()  # what the training scripts' teardown does before end_training
+    rollout.close()  # twice is harmless
+accelerator.end_training()  # destroys the process group
+print("end of program", flush=True)
+"""
+
+
+def test_close_before_end_training_ends_the_run_without_a_shutdown_error(tmp_path, tiny_model_dir):
+    """The scripts' teardown order, run for real: without close() vLLM's exit-time finaliser finds its process group
+    destroyed ("Invalid process group specified"); with close() first, the process exits cleanly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    outcomes = {}
+    for mode in ("keep", "close"):
+        result = subprocess.run([sys.executable, "-c", SHUTDOWN_PROGRAM, str(tiny_model_dir), mode], cwd=root,
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0 and "end of program" in result.stdout, result.stderr[-3000:]
+        outcomes[mode] = result.stderr
+    assert "Invalid process group specified" in outcomes["keep"]  # the error, reproduced
+    assert "Invalid process group specified" not in outcomes["close"] and "Traceback" not in outcomes["close"]

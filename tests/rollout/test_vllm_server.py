@@ -130,3 +130,52 @@ def test_train_sdft_with_vllm_server(vllm_server, tmp_path):
                         "--max_steps", 2, "--rollout", "vllm", "--vllm_mode", "server", "--vllm_server_url",
                         server.url, "--check_weight_sync", "true")
     assert_vllm_run(output_dir, result)
+
+
+def test_the_client_learns_the_servers_dtype_and_stops_on_a_mismatch(vllm_server):
+    from sdft_utils.errors import UserInputError
+
+    server, _ = vllm_server
+    assert VLLMServerRollout(server.url, EOS, connect_timeout=10, trainer_dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(UserInputError) as error:  # a bf16 trainer against this float32 server
+        VLLMServerRollout(server.url, EOS, connect_timeout=10, trainer_dtype=torch.bfloat16)
+    message = str(error.value)
+    assert "holds the model in float32 but the trainer computes in bfloat16" in message
+    assert "--dtype bfloat16" in message
+
+
+def test_the_launcher_serves_float32_without_a_gpu(tmp_path):
+    assert not torch.cuda.is_available()
+    command = serve_command(str(tmp_path), cpu=True)
+    assert command[command.index("--dtype") + 1] == "float32"  # what the trainer trains in here; `auto` gave bf16
+
+
+def test_two_ddp_processes_against_one_server_pass_the_weight_sync_check_every_step(vllm_server, tmp_path):
+    """Both ranks sample from one float32 server; rank 0 pushes the weights after each step while the other walks
+    the same parameters, and every rank's check compares the server's log-probs with its own model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    server, model_dir = vllm_server
+    root = Path(__file__).resolve().parents[2]
+    rows = [{"prompt": f"What is the code word number {i}?", "demonstration": f"The code word is w{i}x."}
+            for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "accelerate_configs" / "multi_gpu.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(free_port()), str(root / "train_sdft.py"), "--model", str(model_dir),
+               "--dataset", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "out"),
+               "--prompts_per_step", "4", "--per_device_batch_size", "2", "--max_completion_length", "8",
+               "--max_prompt_length", "48", "--learning_rate", "1e-3", "--gradient_checkpointing", "false",
+               "--max_steps", "3", "--save_steps", "100", "--rollout", "vllm", "--vllm_mode", "server",
+               "--vllm_server_url", server.url, "--check_weight_sync", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert 0 <= m["weight_sync_logprob_diff"] <= 1e-3  # checked after every step's sync (rank 0's value)
+        assert abs(m["is_ratio_mean"] - 1) < 1e-3  # both ranks sampled from the trained weights
