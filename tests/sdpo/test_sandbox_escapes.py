@@ -205,7 +205,7 @@ for row in map(json.loads, open(path)):
     completion = f"```python\n{forger}\n```"
     process = subprocess.run([sys.executable, "-c", trainer, "--dataset", str(dataset)], input=completion,
                              capture_output=True, text=True, cwd=REPO, timeout=120,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])})
     assert "SCORE 0.0" in process.stdout, process.stderr[-2000:]
 
 
