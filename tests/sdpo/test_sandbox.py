@@ -88,6 +88,7 @@ def test_run_python_returns_a_result_for_every_input():
         result, _ = run(code, stdin)
         assert isinstance(result, SandboxResult) and result.status in ("ok", "error"), (code[:20], result)
     assert run("raise SystemExit(3)")[0].returncode == 3
+    assert [run(code)[0].returncode for code in ("exit()", "quit(4)")] == [0, 4]  # as with `site`
 
 
 # ---------------------------------------------------------------------------------------------------- isolation
