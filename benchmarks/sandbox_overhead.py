@@ -1,10 +1,10 @@
 """What the code verifier's sandbox costs: per-program overhead, then programs per second with 1 and 8 workers.
 
 Per program: the median wall time of a trivial program (`pass`), run bare (the interpreter and flags the sandbox
-uses, `-I -B -S`; and with `site`, which the old sandbox imported), under the sandbox this one replaced (commit 3ae09b8's `sandbox.py`, loaded from git: an audit hook, and as
-root `unshare --net` + `setpriv` to user nobody), under this sandbox (bubblewrap) and in its
-`--unsafe_code_execution` mode. Overhead = median minus the bare median. The kinds take turns run by run, so a busy
-machine slows all of them alike.
+uses, `-I -B -S`; and with `site`, which the old sandbox imported), under the sandbox this one replaced (commit
+3ae09b8's `sandbox.py`, loaded from git: an audit hook, and as root `unshare --net` + `setpriv` to user nobody),
+under this sandbox (bubblewrap) and in its `--unsafe_code_execution` mode. Overhead = median minus the bare median.
+The kinds take turns run by run, so a busy machine slows all of them alike.
 
 Throughput: `score_all` (the training loop's call) on code tasks of one test each, a small program that reads its
 input and sums a range, with `--sandbox_workers` 1 and 8; for the old sandbox, the same programs one after another

@@ -320,36 +320,34 @@ def _memfd(name: str, data: bytes) -> int:
 
 def _run(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
     run_as = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
-    to_close, folder = [], None
+    source = code.encode("utf-8", errors="surrogatepass")
+    child_fds, our_fds, folder, process = [], [], None, None
     try:
-        if launcher.bwrap:
-            solution_fd = _memfd("solution.py", code.encode("utf-8", errors="surrogatepass"))
-            seccomp = seccomp_filter()
-            seccomp_fd = _memfd("seccomp", seccomp) if seccomp else None
+        if launcher.bwrap:  # the program and the filter travel as descriptors: nothing is written to the host
             status_read, status_write = os.pipe()
-            to_close += [fd for fd in (solution_fd, seccomp_fd, status_read, status_write) if fd is not None]
-            argv = _bwrap_argv(launcher, limits, solution_fd, seccomp_fd, status_write)
+            our_fds.append(status_read)
+            seccomp = seccomp_filter()
+            child_fds += [_memfd("solution.py", source), status_write]
+            child_fds += [_memfd("seccomp", seccomp)] if seccomp else []
+            argv = _bwrap_argv(launcher, limits, child_fds[0], child_fds[2] if seccomp else None, status_write)
             argv += _runner_argv(launcher.interpreter, limits, lint=False)
-            pass_fds, cwd = tuple(fd for fd in (solution_fd, seccomp_fd, status_write) if fd is not None), "/"
+            cwd = "/"
         else:
-            folder = tempfile.mkdtemp(prefix="sdpo_unsafe_")
-            with open(os.path.join(folder, "solution.py"), "w", encoding="utf-8", errors="surrogatepass") as handle:
-                handle.write(code)
+            status_read, folder = None, tempfile.mkdtemp(prefix="sdpo_unsafe_")
+            Path(folder, "solution.py").write_bytes(source)
             if run_as:
                 os.chown(folder, NOBODY, NOBODY)
-            status_read = None
-            argv, pass_fds, cwd = _runner_argv(launcher.interpreter, limits, lint=True), (), folder
+            argv, cwd = _runner_argv(launcher.interpreter, limits, lint=True), folder
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env={}, cwd=cwd, pass_fds=pass_fds, start_new_session=True, **run_as)
-        if launcher.bwrap:  # our copies: the child holds its own, and EOF on the status pipe means bwrap is gone
-            for fd in (solution_fd, seccomp_fd, status_write):
-                if fd is not None:
-                    os.close(fd)
-                    to_close.remove(fd)
+                                   env={}, cwd=cwd, pass_fds=child_fds, start_new_session=True, **run_as)
+        for fd in child_fds:  # the child holds its own copies; EOF on the status pipe then means bwrap is gone
+            os.close(fd)
+        child_fds.clear()
         streams = _pump(process, stdin.encode("utf-8", errors="surrogatepass"), status_read, limits)
-        _kill(process, whole_group=not launcher.bwrap)
-    finally:
-        for fd in to_close:
+    finally:  # also on KeyboardInterrupt: no program outlives this call
+        if process is not None:
+            _kill(process, whole_group=not launcher.bwrap)
+        for fd in child_fds + our_fds:
             os.close(fd)
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -398,8 +396,10 @@ def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits
                 if fd == stdin_fd:
                     try:
                         written += os.write(fd, stdin[written:written + READ_CHUNK])
-                    except (BrokenPipeError, OSError):
-                        written = len(stdin)  # the program closed its stdin: the rest is not wanted
+                    except BlockingIOError:
+                        pass
+                    except OSError:  # EPIPE: the program closed its stdin, the rest is not wanted
+                        written = len(stdin)
                     if written >= len(stdin):
                         selector.unregister(fd)
                         process.stdin.close()
