@@ -6,6 +6,8 @@ What it refuses (each an error the program sees, never a crash of the sandbox):
   makes the per-process limits (address space, CPU seconds) limits of the whole run;
 - reaching other processes: `ptrace`, `process_vm_readv`/`writev`, `pidfd_open`/`getfd`/`send_signal`;
 - sockets other than unix ones (and `io_uring`, which can open sockets without the `socket` call);
+- memory outside the address space, which RLIMIT_AS does not count: `memfd_create`/`memfd_secret` files, SysV
+  shared memory segments (they outlive a detach) and message queues;
 - kernel interfaces a program never needs: `bpf`, `perf_event_open`, `userfaultfd`, the keyring calls.
 A call made through another architecture's entry (32-bit calls from a 64-bit program, x32) kills the program.
 
@@ -42,16 +44,18 @@ ARCHES = {
         "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "socket": 41, "ptrace": 101, "process_vm_readv": 310,
         "process_vm_writev": 311, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321, "perf_event_open": 298,
-        "userfaultfd": 323, "keyctl": 250, "add_key": 248, "request_key": 249}),
+        "userfaultfd": 323, "keyctl": 250, "add_key": 248, "request_key": 249, "memfd_create": 319,
+        "memfd_secret": 447, "shmget": 29, "msgget": 68}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "socket": 198, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280, "perf_event_open": 241,
-        "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218}),
+        "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218, "memfd_create": 279,
+        "memfd_secret": 447, "shmget": 194, "msgget": 186}),
 }
 REFUSED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd",
            "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
-           "userfaultfd", "keyctl", "add_key", "request_key")
+           "userfaultfd", "keyctl", "add_key", "request_key", "memfd_create", "memfd_secret", "shmget", "msgget")
 
 
 def _op(code: int, k: int = 0, jump_true: int = 0, jump_false: int = 0) -> bytes:

@@ -266,6 +266,24 @@ print("HELD", held)
     assert "HELD 480" not in result.stdout
 
 
+def test_memory_outside_the_address_space_is_refused():
+    """memfd files hold memory that no address-space limit counts: 40 of 8 MiB under a 256 MiB limit."""
+    result = attack("""
+import os
+held, kept = 0, []
+for number in range(40):
+    try:
+        descriptor = os.memfd_create(f"m{number}")
+        os.write(descriptor, b"x" * (8 << 20))
+    except OSError:
+        break
+    kept.append(descriptor)
+    held += 8
+print("HELD", held)
+""")
+    assert "HELD" in result.stdout and int(result.stdout.split()[-1]) <= 256
+
+
 def test_disk_is_limited_for_the_whole_run_not_per_file():
     """Many files under the per-file limit added up to any total (here 12 x 8 MiB)."""
     result = attack("""
