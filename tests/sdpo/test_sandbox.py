@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sdft_utils.cli import parse_args
 from sdft_utils.errors import UserInputError
 from sdft_utils.sdpo.sandbox import NOBODY, SandboxConfig, SandboxLimits, SandboxResult, run_python
 
@@ -179,6 +180,13 @@ def test_unsafe_mode_runs_without_bwrap_but_never_as_root(tmp_path, caplog):
     assert result.status == "ok" and (int(result.stdout) != 0 if os.geteuid() == 0 else True)
     result, _ = run("import time\ntime.sleep(100)", config=config, limits=SandboxLimits(wall_seconds=1))
     assert result.status == "timeout"
+
+
+def test_the_flags_parse_from_the_command_line():
+    config = parse_args(SandboxConfig, ["--sandbox_workers", "4", "--unsafe_code_execution", "true",
+                                        "--sandbox_bwrap", "/usr/bin/bwrap"])
+    assert config == SandboxConfig(sandbox_workers=4, unsafe_code_execution=True, sandbox_bwrap="/usr/bin/bwrap")
+    assert parse_args(SandboxConfig, []) == SandboxConfig()
 
 
 def test_sandbox_workers_must_be_positive():
