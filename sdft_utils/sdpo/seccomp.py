@@ -5,6 +5,7 @@ What it refuses (each an error the program sees, never a crash of the sandbox):
   so the C library falls back to `clone`, whose flags a classic filter can read). One process per run is what
   makes the per-process limits (address space, CPU seconds) limits of the whole run;
 - reaching other processes: `ptrace`, `process_vm_readv`/`writev`, `pidfd_open`/`getfd`/`send_signal`;
+- leaving the run's process group (`setsid`, `setpgid`): one SIGKILL to that group ends everything in the run;
 - sockets other than unix ones (and `io_uring`, which can open sockets without the `socket` call);
 - memory outside the address space, which RLIMIT_AS does not count: `memfd_create`/`memfd_secret` files, SysV
   shared memory segments (they outlive a detach) and message queues;
@@ -45,17 +46,18 @@ ARCHES = {
         "process_vm_writev": 311, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321, "perf_event_open": 298,
         "userfaultfd": 323, "keyctl": 250, "add_key": 248, "request_key": 249, "memfd_create": 319,
-        "memfd_secret": 447, "shmget": 29, "msgget": 68}),
+        "memfd_secret": 447, "shmget": 29, "msgget": 68, "setsid": 112, "setpgid": 109}),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "socket": 198, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280, "perf_event_open": 241,
         "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218, "memfd_create": 279,
-        "memfd_secret": 447, "shmget": 194, "msgget": 186}),
+        "memfd_secret": 447, "shmget": 194, "msgget": 186, "setsid": 157, "setpgid": 154}),
 }
 REFUSED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_open", "pidfd_getfd",
            "pidfd_send_signal", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
-           "userfaultfd", "keyctl", "add_key", "request_key", "memfd_create", "memfd_secret", "shmget", "msgget")
+           "userfaultfd", "keyctl", "add_key", "request_key", "memfd_create", "memfd_secret", "shmget", "msgget",
+           "setsid", "setpgid")
 
 
 def _op(code: int, k: int = 0, jump_true: int = 0, jump_false: int = 0) -> bytes:

@@ -76,6 +76,8 @@ def test_new_processes_are_refused_but_threads_work():
     assert result.status == "error" and "PermissionError" in result.stderr
     result, _ = run("import subprocess\nsubprocess.run(['/usr/bin/true'])")
     assert result.status == "error" and "PermissionError" in result.stderr
+    result, _ = run("import os\nos.setsid()")  # leaving the run's process group, which the kill targets
+    assert result.status == "error" and "PermissionError" in result.stderr
     threads = ("import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(8)]\n"
                "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(sorted(out))")
     result, _ = run(threads)
@@ -141,6 +143,20 @@ def test_no_process_outlives_a_timeout():
     assert result.status == "timeout"
     time.sleep(0.2)
     left = [entry for entry in Path("/proc").iterdir() if entry.name.isdigit() and _has(entry, marker)]
+    assert left == []
+
+
+def test_a_run_killed_while_bwrap_sets_up_leaves_no_process():
+    """Killed that early, bwrap's child is not yet tied to its parent's life (no --die-with-parent yet): it would
+    wait for the dead parent for good. The kill takes the whole process group."""
+    marker = str((1 << 30) + uuid.uuid4().int % 4096)  # a memory limit no other run uses: it is in bwrap's argv
+    for milliseconds in range(1, 30, 2):  # somewhere in there bwrap has forked and not yet finished setting up
+        result, _ = run("pass", limits=SandboxLimits(wall_seconds=milliseconds / 1000, memory_bytes=int(marker)))
+        assert result.status in ("timeout", "sandbox_error", "ok")
+    time.sleep(0.5)
+    left = [entry for entry in Path("/proc").iterdir() if entry.name.isdigit() and _has(entry, marker)]
+    for entry in left:
+        os.kill(int(entry.name), 9)
     assert left == []
 
 
