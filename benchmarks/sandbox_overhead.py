@@ -3,7 +3,7 @@
 Per program: the median wall time of a trivial program (`pass`), run bare (the interpreter and flags the sandbox
 uses, `-I -B -S`; and with `site`, which the old sandbox imported), under the sandbox this one replaced (commit
 3ae09b8's `sandbox.py`, loaded from git: an audit hook, and as root `unshare --net` + `setpriv` to user nobody),
-under this sandbox (bubblewrap) and in its `--unsafe_code_execution` mode. Overhead = median minus the bare median.
+under this sandbox (bubblewrap) and in its `--unsafe_code_execution` mode. Overhead = median minus the bare median (and the same of the minimums, which a busy machine disturbs least).
 The kinds take turns run by run, so a busy machine slows all of them alike.
 
 Throughput: `score_all` (the training loop's call) on code tasks of one test each, a small program that reads its
@@ -12,6 +12,7 @@ input and sums a range, with `--sandbox_workers` 1 and 8; for the old sandbox, t
 
     .venv/bin/python benchmarks/sandbox_overhead.py                # ~1 min on 2 CPU cores
     .venv/bin/python benchmarks/sandbox_overhead.py --runs 50 --programs 128
+    .venv/bin/python benchmarks/sandbox_overhead.py --resident_gib 2   # the same from a 2 GiB process
 """
 
 from __future__ import annotations
@@ -85,14 +86,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=30, help="timed runs of each kind for the per-program table")
     parser.add_argument("--programs", type=int, default=64, help="programs per throughput measurement")
+    parser.add_argument("--resident_gib", type=float, default=0.0, help="hold this much touched memory while "
+                        "measuring, as a trainer does: starting a child costs more the bigger the parent is")
     options = parser.parse_args()
+    resident = bytearray(int(options.resident_gib * (1 << 30)))
+    resident[::4096] = b"x" * len(resident[::4096])  # touch every page, so it is resident and mapped
 
     launcher = _launcher(None, False)
     if isinstance(launcher, str):
         raise SystemExit(f"the sandbox cannot start here: {launcher}")
     unsafe = SandboxConfig(unsafe_code_execution=True)
     print(f"{datetime.date.today()}  uid {os.geteuid()}  {len(os.sched_getaffinity(0))} CPUs  load average "
-          f"{os.getloadavg()[0]:.1f}  sandbox interpreter {launcher.interpreter}")
+          f"{os.getloadavg()[0]:.1f}  sandbox interpreter {launcher.interpreter}  resident "
+          f"{options.resident_gib:g} GiB")
 
     with tempfile.TemporaryDirectory() as folder:
         old = load_old_sandbox(Path(folder))
@@ -105,13 +111,14 @@ def main() -> None:
             "unsafe mode": lambda: run_python("pass", config=unsafe),
         }
         times = per_program(options.runs, kinds)
-        bare = statistics.median(times["bare interpreter"])
-        print(f"\nper program (`pass`), {options.runs} runs each, wall ms")
-        print(f"{'kind':28s} {'median':>8s} {'p90':>8s} {'overhead':>9s}")
-        print("-" * 56)
+        bare, bare_min = statistics.median(times["bare interpreter"]), min(times["bare interpreter"])
+        print(f"\nper program (`pass`), {options.runs} runs each, wall ms; overhead = minus the bare interpreter's")
+        print(f"{'kind':28s} {'median':>8s} {'p90':>8s} {'min':>8s} {'overhead':>9s} {'(of min)':>9s}")
+        print("-" * 76)
         for name, values in times.items():
             median, p90 = statistics.median(values), statistics.quantiles(values, n=10)[-1]
-            print(f"{name:28s} {median * 1e3:8.1f} {p90 * 1e3:8.1f} {(median - bare) * 1e3:9.1f}")
+            print(f"{name:28s} {median * 1e3:8.1f} {p90 * 1e3:8.1f} {min(values) * 1e3:8.1f} "
+                  f"{(median - bare) * 1e3:9.1f} {(min(values) - bare_min) * 1e3:9.1f}")
 
         tasks = [Task([], {"tests": [{"input": f"{N}\n", "output": str(sum(range(N)))}]}, "code")
                  for _ in range(options.programs)]

@@ -247,6 +247,9 @@ def _launcher(bwrap_option: str | None, unsafe: bool) -> _Launcher | str:
     seccomp = seccomp_filter()
     reasons = []
     for interpreter, prefixes in _interpreters():
+        if os.geteuid() == 0 and not _reachable_by_nobody(interpreter):
+            reasons.append(f"{interpreter}: user nobody cannot reach it")
+            continue
         launcher = _Launcher(interpreter, _prefix_binds(interpreter, prefixes), bwrap)
         probe = _attempt(launcher, PROBE, "", SandboxLimits(cpu_seconds=10, wall_seconds=30))
         expected = f"{NOBODY} 0 1 {2 if seccomp else 0}"
@@ -326,8 +329,24 @@ def _memfd(name: str, data: bytes) -> int:
     return fd
 
 
+@functools.lru_cache(maxsize=1)
+def _as_nobody() -> tuple[tuple[str, ...], dict]:
+    """(command prefix, Popen arguments) that start a command as user nobody when this process is root.
+
+    `setpriv` from util-linux is preferred: with Popen's own `user=`, Python must fork() instead of vfork(), and
+    fork() copies the page tables of the whole trainer (measured: 0.2-0.3 s per program with 4 GiB resident).
+    """
+    if os.geteuid() != 0:
+        return (), {}
+    setpriv = shutil.which("setpriv") or next((p for p in ("/usr/bin/setpriv", "/bin/setpriv") if os.path.isfile(p)),
+                                              None)
+    if setpriv:
+        return (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"), {}
+    return (), dict(user=NOBODY, group=NOBODY, extra_groups=[])
+
+
 def _run(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> SandboxResult:
-    run_as = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if os.geteuid() == 0 else {}
+    prefix, run_as = _as_nobody()
     source = code.encode("utf-8", errors="surrogatepass")
     child_fds, our_fds, folder, process = [], [], None, None
     try:
@@ -343,10 +362,10 @@ def _run(launcher: _Launcher, code: str, stdin: str, limits: SandboxLimits) -> S
         else:
             status_read, folder = None, tempfile.mkdtemp(prefix="sdpo_unsafe_")
             Path(folder, "solution.py").write_bytes(source)
-            if run_as:
+            if os.geteuid() == 0:
                 os.chown(folder, NOBODY, NOBODY)
             argv, cwd = _runner_argv(launcher.interpreter, limits, lint=True), folder
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        process = subprocess.Popen([*prefix, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env={}, cwd=cwd, pass_fds=child_fds, start_new_session=True, **run_as)
         for fd in child_fds:  # the child holds its own copies; EOF on the status pipe then means bwrap is gone
             os.close(fd)
