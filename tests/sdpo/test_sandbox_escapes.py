@@ -175,6 +175,34 @@ for entry in ("cmdline", "environ", "status"):
     assert f"Pid:\\t{pid}" not in result.stdout
 
 
+def test_the_checkout_is_not_in_the_programs_view():
+    result = attack(f"""
+try:
+    print(open({str(REPO / "pyproject.toml")!r}).read())
+except OSError:
+    pass
+try:
+    open({str(REPO / "pwned.txt")!r}, "w").write("x")
+    print("wrote into the checkout")
+except OSError:
+    pass
+""")
+    assert "[project]" not in result.stdout and "wrote into the checkout" not in result.stdout
+    (REPO / "pwned.txt").unlink(missing_ok=True)
+
+
+def test_the_trainers_processes_cannot_be_signalled():
+    """A process of the user the program runs as (the trainer itself when it is not root; other runs as root)."""
+    victim = subprocess.Popen(["sleep", "30"], **({"user": 65534} if os.geteuid() == 0 else {}))
+    try:
+        attack(f"import os, signal\nos.kill({victim.pid}, signal.SIGKILL)")
+        time.sleep(0.2)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
 def test_the_dataset_is_not_in_the_programs_view(open_folder):
     dataset = open_folder / "train.jsonl"
     dataset.write_text(json.dumps({"tests": [{"input": "1\n", "output": "answer-key-7"}]}) + "\n")
