@@ -52,6 +52,8 @@ from sdft_utils.evaluation.suites import (
     load_task_file,
 )
 from sdft_utils.rollout.sampling import SamplingConfig
+from sdft_utils.sdpo.sandbox import SandboxConfig
+from sdft_utils.sdpo.tasks import needs_sandbox
 from sdft_utils.sdpo.verifiers import VERIFIERS
 from sdft_utils.training.config import ROLLOUT_ENGINES
 from sdft_utils.training.modeling import resolve_dtype
@@ -162,6 +164,8 @@ def main() -> None:
         if not args.model:
             return
     benchmarks = load_benchmarks(args)
+    if needs_sandbox([task for benchmark in benchmarks for task in benchmark.tasks]):
+        SandboxConfig().check_isolation()  # model-written code runs only under bubblewrap: refuse before loading
     labels = model_labels(args.model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               num_samples=args.num_samples)

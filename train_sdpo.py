@@ -56,7 +56,8 @@ from sdft_utils.sdpo.policy_gradient import (
     token_is_weights,
 )
 from sdft_utils.sdpo.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
-from sdft_utils.sdpo.tasks import load_sdpo_tasks, make_scorer, success_rate
+from sdft_utils.sdpo.sandbox import SandboxConfig
+from sdft_utils.sdpo.tasks import load_sdpo_tasks, make_scorer, needs_sandbox, score_all, success_rate
 from sdft_utils.sdpo.verifiers import VERIFIERS, load_reward_fn
 from sdft_utils.training.batching import build_distill_batch, to_device
 from sdft_utils.training.config import (
@@ -77,7 +78,7 @@ EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdpo_embedded.yaml"
 
 
 @dataclass
-class Args(RunArgs):
+class Args(SandboxConfig, RunArgs):
     verifier: str = arg("math", "built-in verifier for rows without a `verifier` column", "data", sorted(VERIFIERS))
     verifier_column: str = arg("verifier", "optional per-row column naming the verifier", "data")
     reward_fn: str | None = arg(None, "your own verifier, 'module:function' or 'file.py:function', called as "
@@ -136,7 +137,9 @@ def main() -> None:
                    verifier_column=args.verifier_column, custom_reward=reward_fn is not None)
     tasks = load(args.dataset, split=args.dataset_split)
     eval_sets = {Path(path).stem: load(path) for path in args.eval_datasets}
-    score = make_scorer(reward_fn)
+    if needs_sandbox([*tasks, *(task for rows in eval_sets.values() for task in rows)]):
+        args.check_isolation()  # model-written code runs only where isolation works (or --unsafe_code_execution says so)
+    score = make_scorer(reward_fn, args)
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,
                                      args.environment_feedback_only_without_solution)
@@ -167,7 +170,7 @@ def main() -> None:
         rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         rollout_tasks = [task for task in batch_tasks for _ in range(group)]
-        verdicts = [score(task, text) for task, text in zip(rollout_tasks, texts, strict=True)]
+        verdicts = score_all(rollout_tasks, texts, score, args)  # code runs sandboxed, --sandbox_workers at once
         rewards = torch.tensor([verdict.score for verdict in verdicts])
 
         # 3. reprompts: a sibling's success, else this rollout's feedback, else masked

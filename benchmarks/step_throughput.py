@@ -21,7 +21,7 @@ tracking slows every op.
     python benchmarks/step_throughput.py                  # tiny Llama, SDFT and SDPO, ~3 min on 2 CPU cores
     python benchmarks/step_throughput.py --model qwen2-0.4b --batch 8 --prompt_length 128 --completion_length 256
                                                           # the gpu_anchor.md shape, on a GPU (gpu_check.sh runs it)
-Needs `pip install -r requirements-bench.txt` (trl). Without trl only our side runs.
+Needs `pip install -e '.[bench]'` (trl). Without trl only our side runs.
 """
 
 from __future__ import annotations
@@ -303,7 +303,7 @@ def compare(options, workdir: Path) -> list[dict]:
 
         sides = ["ours", "trl"]
     except ImportError:
-        print("trl is not installed (pip install -r requirements-bench.txt): timing our side only")
+        print("trl is not installed (pip install -e '.[bench]'): timing our side only")
         sides = ["ours"]
     model_dir, sdft_file, sdpo_file = prepare_inputs(workdir, options.model, options.completion_length,
                                                      options.batch, options.prompt_length, options.steps, options.seed)

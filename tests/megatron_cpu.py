@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-megatron_core = pytest.importorskip("megatron.core", reason="megatron-core is optional (requirements-megatron.txt)")
+megatron_core = pytest.importorskip("megatron.core", reason="megatron-core is optional (extra megatron)")
 
 
 def apply_cpu_shims() -> None:

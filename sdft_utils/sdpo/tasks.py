@@ -9,7 +9,9 @@ column may name the verifier per row (mixed data sets); otherwise `--verifier` a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,10 @@ from sdft_utils.data.prompts import to_messages, tokenize_chat_prompts
 from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import SamplingConfig
-from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier
+from sdft_utils.sdpo.sandbox import UNSAFE_WARNING, SandboxConfig
+from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier, verify_code
+
+logger = logging.getLogger(__name__)
 
 MAX_LISTED_ROWS = 5
 
@@ -117,17 +122,51 @@ def load_sdpo_tasks(source: str, prompt_column: str = "prompt", verifier: str = 
     return tasks
 
 
-def make_scorer(reward_fn: Verifier | None) -> Callable[[Task, str], Verdict]:
-    """(task, completion) -> Verdict, dispatching on the task's verifier."""
+Scorer = Callable[[Task, str], Verdict]
+
+
+def make_scorer(reward_fn: Verifier | None, sandbox: SandboxConfig | None = None) -> Scorer:
+    """(task, completion) -> Verdict, dispatching on the task's verifier; code runs under `sandbox`'s settings."""
     def score(task: Task, completion: str) -> Verdict:
-        verify = reward_fn if task.verifier == "reward_fn" else VERIFIERS[task.verifier]
-        return verify(completion, task.row)
+        if task.verifier == "reward_fn":
+            return reward_fn(completion, task.row)
+        if task.verifier == "code":
+            return verify_code(completion, task.row, sandbox)
+        return VERIFIERS[task.verifier](completion, task.row)
 
     return score
 
 
+def needs_sandbox(tasks: list[Task]) -> bool:
+    """Does this run execute model-written code (so `SandboxConfig.check_isolation()` must pass before any model loads)?"""
+    return any(task.verifier == "code" for task in tasks)
+
+
+def score_all(tasks: list[Task], completions: list[str], score: Scorer, sandbox: SandboxConfig) -> list[Verdict]:
+    """Verdicts of (task, completion) pairs, in order, with up to `sandbox.workers` code completions scored at once.
+
+    Code completions go to a thread pool: each thread only waits on its sandboxed programs, so threads are enough.
+    Every other verifier runs in this thread (math-verify's timeouts need the main thread). Under
+    `--unsafe_code_execution` every call that runs code logs a warning (once per training step).
+    """
+    if len(tasks) != len(completions):
+        raise ValueError(f"{len(tasks)} tasks but {len(completions)} completions")
+    coded = [index for index, task in enumerate(tasks) if task.verifier == "code"]
+    if coded and sandbox.unsafe_code_execution:
+        logger.warning(UNSAFE_WARNING)
+    verdicts: list[Verdict | None] = [None] * len(tasks)
+    with ThreadPoolExecutor(max_workers=max(1, min(sandbox.workers, len(coded)))) as pool:
+        futures = {index: pool.submit(score, tasks[index], completions[index]) for index in coded}
+        for index, (task, completion) in enumerate(zip(tasks, completions, strict=True)):
+            if index not in futures:
+                verdicts[index] = score(task, completion)
+        for index, future in futures.items():
+            verdicts[index] = future.result()
+    return verdicts
+
+
 def success_rate(rollout, tokenizer, tasks: list[Task], accelerator, max_prompt_length: int,
-                 sampling: SamplingConfig, score: Callable[[Task, str], Verdict], threshold: float = 0.5,
+                 sampling: SamplingConfig, score: Scorer, threshold: float = 0.5,
                  chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
     """Success rate (reward >= threshold) over all processes: greedy, or the mean over `sampling.num_samples`
     completions per question (avg@n, the SDPO paper's validation: what the policy does when it samples). Prompts are

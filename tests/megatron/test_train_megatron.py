@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="megatron-core is optional (requirements-megatron.txt)")
+pytest.importorskip("megatron.core", reason="megatron-core is optional (extra megatron)")
 
 from tests.scripts.test_train_sdft import write_dataset  # noqa: E402
 

@@ -97,7 +97,7 @@ def test_loss_memory_implementations_agree():
 
 
 def test_loss_memory_trl_column_matches_ours():
-    pytest.importorskip("trl", reason="trl is a benchmark extra (requirements-bench.txt)")
+    pytest.importorskip("trl", reason="trl is a benchmark extra (extra bench)")
     inputs = loss_memory.make_inputs(32, 300, 16, torch.float64, "cpu")  # TRL in float64, ours in float32
     for mode, alpha in (("full", 0.0), ("full", 1.0), ("full", 0.5), ("topk", 0.5)):
         ours = loss_memory.run_chunked(inputs, inputs["student_hidden"], inputs["weight"], 8, alpha=alpha, mode=mode,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-peft.txt)")
+pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
 
 from test_train_sdft import common_flags, read_metrics, write_dataset  # noqa: E402
 from test_train_sdpo import write_questions  # noqa: E402

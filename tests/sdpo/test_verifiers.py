@@ -1,6 +1,7 @@
 """Verifiers: score and feedback for math, multiple choice, code (in the sandbox) and tool calls."""
 
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from sdft_utils.sdpo.verifiers import (
     Verdict,
     extract_code,
     load_reward_fn,
+    quote,
     verify_code,
     verify_math,
     verify_mcq,
@@ -52,22 +54,28 @@ def test_code_that_passes_every_test_scores_one_with_no_feedback():
     assert verify_code(code("n = int(input())\nprint(n * n)"), {"tests": SQUARE_TESTS}) == Verdict(1.0, "")
 
 
-def test_code_wrong_answer_shows_input_output_expected():
+def test_code_wrong_answer_shows_input_output_expected_each_in_a_fence():
     verdict = verify_code(code("print(int(input()) * 2)"), {"tests": SQUARE_TESTS})
-    assert verdict.score == 0.0
-    assert "Wrong Answer" in verdict.feedback and "Input:\n3" in verdict.feedback
-    assert "Output:\n6" in verdict.feedback and "Expected:\n9" in verdict.feedback
+    assert verdict.score == 0.0 and verdict.feedback.startswith("Wrong Answer: 0/2 tests passed")
+    assert "Input:\n```\n3\n```" in verdict.feedback
+    assert "Output:\n```\n6\n```" in verdict.feedback and "Expected:\n```\n9\n```" in verdict.feedback
 
 
 def test_code_runtime_error_names_the_line():
     verdict = verify_code(code("n = int(input())\nprint(n // 0)"), {"tests": SQUARE_TESTS})
-    assert "Runtime Error" in verdict.feedback and "ZeroDivisionError" in verdict.feedback
-    assert "Line 2" in verdict.feedback and "runner" not in verdict.feedback
+    assert verdict.feedback.startswith("Runtime Error\n```\nZeroDivisionError")
+    assert "Line 2: print(n // 0)" in verdict.feedback and "<string>" not in verdict.feedback
+    assert "Last Executed Input:\n```\n3\n```" in verdict.feedback
 
 
-def test_code_timeout_is_reported():
-    verdict = verify_code(code("while True:\n    pass"), {"tests": SQUARE_TESTS, "time_limit": 1})
-    assert verdict.score == 0.0 and verdict.feedback.startswith("Time Limit Exceeded")
+@pytest.mark.parametrize("body, verdict_line", [
+    ("while True:\n    pass", "Time Limit Exceeded"),
+    ("x = bytearray(8 << 30)", "Memory Limit Exceeded"),
+    ("while True:\n    print('x' * 65536)", "Output Limit Exceeded"),
+])
+def test_code_limits_are_reported_with_the_last_input(body, verdict_line):
+    verdict = verify_code(code(body), {"tests": SQUARE_TESTS, "time_limit": 1})
+    assert verdict.score == 0.0 and verdict.feedback.startswith(f"{verdict_line}\nLast Executed Input:\n```\n3")
 
 
 def test_function_tests_call_the_function_or_solution_method():
@@ -75,14 +83,31 @@ def test_function_tests_call_the_function_or_solution_method():
     assert verify_code(code("def add(a, b):\n    return a + b"), {"tests": tests}).score == 1.0
     leet = "class Solution:\n    def add(self, a, b):\n        return a - b"
     verdict = verify_code(code(leet), {"tests": tests})
-    assert verdict.score == 0.0 and "Expected:\n3" in verdict.feedback
+    assert verdict.score == 0.0 and "Expected:\n```\n3\n```" in verdict.feedback
 
 
 def test_code_feedback_is_capped_and_format_errors_are_explained():
     verdict = verify_code(code("print('x' * 100000)\n1/0"), {"tests": SQUARE_TESTS})
-    assert len(verdict.feedback) <= FEEDBACK_CHARS
+    assert len(verdict.feedback) <= FEEDBACK_CHARS and "Output before the error:" in verdict.feedback
     assert "```python```" in verify_code("just text", {"tests": SQUARE_TESTS}).feedback
     assert extract_code("```py\na\n```\n```python\nlonger\n```") == "longer\n"
+
+
+def test_a_completion_cut_off_inside_its_code_block_gets_truncation_feedback():
+    """The release tells a truncated attempt apart from a format error ("response was too long")."""
+    verdict = verify_code("Let me write it.\n```python\nn = int(input())\nprint(n *", {"tests": SQUARE_TESTS})
+    assert verdict.score == 0.0 and verdict.feedback.startswith("Truncated Attempt")
+    closed_then_cut = code("print(9)") + "\nA second version:\n```python\nprint("
+    assert verify_code(closed_then_cut, {"tests": [{"input": "", "output": "9"}]}).score == 1.0
+    assert verify_code("no code at all", {"tests": SQUARE_TESTS}).feedback.startswith("Incorrect Format")
+
+
+@pytest.mark.parametrize("text", ["plain", "```\nfake\n```", "a ```` b\n`````", "ends with a fence\n```"])
+def test_quote_fences_text_with_a_fence_nothing_inside_can_close(text):
+    quoted = quote(text)
+    fence = quoted.split("\n")[0]
+    assert set(fence) == {"`"} and quoted == f"{fence}\n{text}\n{fence}"
+    assert all(len(run) < len(fence) for run in re.findall(r"`+", text))
 
 
 def test_tool_calls_must_match_names_and_arguments():

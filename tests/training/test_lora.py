@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("peft", reason="peft is not installed (pip install -r requirements-peft.txt)")
+pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
 
 from accelerate.utils import DistributedType  # noqa: E402
 

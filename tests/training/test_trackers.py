@@ -1,6 +1,6 @@
 """--report_to wandb / tensorboard for real: a 2-step train_sdft.py run, then its tracker files read back.
 
-Both packages are installed in the test environment (`requirements-dev.txt`, extra `tracking`). wandb runs offline (no
+Both packages are installed in the test environment (extra `tracking`). wandb runs offline (no
 key); its run file is read with a small reader of the LevelDB-log framing wandb documents for `.wandb` files (wandb's
 own reader moved into its Go core) and parsed with wandb's protobuf `Record`. Tensorboard's event files are read with
 tensorboard's EventAccumulator. Every step's values must equal metrics.jsonl: exactly for wandb (JSON numbers),
