@@ -172,6 +172,42 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+class ScriptedEngine:
+    """A rollout engine that returns fixed turns: `turns[i]` lists trajectory i's turns, each a text (encoded, EOS
+    appended) or token ids; log-probs are -0.25, -0.26, ... per turn.
+
+    A fake engine, for the tool-loop unit tests only: a random tiny model never writes a well-formed tool call, and
+    those tests need known calls to drive parse -> execute -> continue. The loop sees nothing of an engine but this
+    contract (token ids and log-probs per context); the real HF and vLLM engines are tested on it separately.
+    A context is matched to its trajectory because it extends what that trajectory was last given.
+    """
+
+    def __init__(self, tokenizer, turns: list[list], eos_token_id: int = 2):
+        self.tokenizer, self.turns, self.eos_token_ids = tokenizer, turns, [eos_token_id]
+        self.calls: list[dict] = []  # per generate(): the contexts, seeds and max_new_tokens it was given
+        self.seen: list[list[int]] = []
+
+    def ids(self, turn) -> list[int]:
+        if isinstance(turn, list):
+            return turn
+        return self.tokenizer(turn, add_special_tokens=False)["input_ids"] + self.eos_token_ids
+
+    def generate(self, prompt_ids, sampling, seeds=None):
+        from sdft_utils.rollout.sampling import Rollouts
+
+        self.calls.append({"contexts": [list(ids) for ids in prompt_ids], "seeds": seeds,
+                           "max_new_tokens": sampling.max_new_tokens})
+        owners = list(range(len(prompt_ids))) if not self.seen else []
+        for context in prompt_ids if self.seen else []:
+            owners.append(next(i for i, before in enumerate(self.seen)
+                               if i not in owners and context[:len(before)] == before))
+        out = [self.ids(self.turns[owner].pop(0)) for owner in owners]
+        self.seen = self.seen or [[] for _ in prompt_ids]
+        for owner, context, tokens in zip(owners, prompt_ids, out, strict=True):
+            self.seen[owner] = list(context) + tokens
+        return Rollouts(out, [[-0.25 - 0.01 * i for i in range(len(ids))] for ids in out], False)
+
+
 def run_training_script(script: str, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS...` from the repository root as a user would, offline, one thread per process."""
     root = Path(__file__).resolve().parents[1]

@@ -179,6 +179,29 @@ def multi_turn_rows(category: str = "multi_turn_base", max_user_turns: int | Non
     return rows
 
 
+# The embedded multi-turn task: the subset a 135M model can plausibly learn (see data/bfcl/README.md)
+EMBEDDED_MAX_CLASSES = 1  # tasks that involve one environment class: one tool set in the prompt, not two
+EMBEDDED_MAX_USER_TURNS = 1  # the first user turn of each task (1-4 ground-truth calls), scored by the same checker
+HELDOUT_FRACTION = 0.25
+
+
+def embedded_multi_turn_rows(max_classes: int = EMBEDDED_MAX_CLASSES,
+                             max_user_turns: int | None = EMBEDDED_MAX_USER_TURNS,
+                             classes: list[str] | None = None) -> list[dict]:
+    """multi_turn_base tasks with at most `max_classes` involved classes (optionally only `classes`), cut to their
+    first `max_user_turns` user turns (None or 0: all)."""
+    return [row for row in multi_turn_rows(max_user_turns=max_user_turns)
+            if len(row["environment_state"]["involved_classes"]) <= max_classes
+            and (classes is None or set(row["environment_state"]["involved_classes"]) <= set(classes))]
+
+
+def split_rows(rows: list[dict], fraction: float = HELDOUT_FRACTION) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a fixed split by row id (`in_heldout`)."""
+    heldout = [in_heldout(row["id"], fraction) for row in rows]
+    return ([row for row, out in zip(rows, heldout, strict=True) if not out],
+            [row for row, out in zip(rows, heldout, strict=True) if out])
+
+
 class BFCLEnvironment:
     """The BFCL classes of one multi-turn task, built from its initial_config as the leaderboard builds them; the
     later user turns come out of `next_user_message`."""

@@ -49,3 +49,19 @@ def score_trajectory(verifier: str, row: dict, trajectory, reward_fn: Verifier |
         return TRAJECTORY_VERIFIERS[verifier](trajectory, row)
     verify = reward_fn if verifier == "reward_fn" else VERIFIERS[verifier]
     return verify(trajectory.final_answer, row)
+
+
+def run_tool_tasks(engine, tokenizer, tasks: list, sampling, max_prompt_length: int, config, seeds=None):
+    """Roll out SDPO/evaluation `Task`s with tools and score them: (one Verdict per rollout, the Rollouts).
+    The chat format comes from the tokenizer's template and the engine's stop tokens (`engine.eos_token_ids`)."""
+    from sdft_utils.tools.render import ToolChat
+    from sdft_utils.tools.rollout import ToolPrompt, generate_with_tools, render_tool_prompts
+
+    chat = ToolChat.from_tokenizer(tokenizer, engine.eos_token_ids, config.tool_template, config.tool_format)
+    prompts = [ToolPrompt.from_row(task.prompt, task.row) for task in tasks]
+    prompt_ids, _ = render_tool_prompts(chat, prompts, config, max_prompt_length)
+    rollouts = generate_with_tools(engine, chat, prompts, prompt_ids, sampling, seeds, config)
+    repeated = [task for task in tasks for _ in range(sampling.num_samples)]
+    verdicts = [score_trajectory(task.verifier, task.row, trajectory)
+                for task, trajectory in zip(repeated, rollouts.trajectories, strict=True)]
+    return verdicts, rollouts

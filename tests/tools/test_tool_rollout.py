@@ -1,11 +1,21 @@
-"""Multi-turn tool rollouts: batched turns, exact tokens across turns, the model-token mask, seeds, stopping rules."""
+"""Multi-turn tool rollouts: batched turns, exact tokens across turns, the model-token mask, seeds, stopping rules.
+
+Most tests drive the loop with `ScriptedEngine` (fixed turns): a random tiny model never writes a well-formed call,
+and these need known calls; the last test runs the real HF engine (and test_tool_vllm.py the real vLLM one).
+"""
 
 import pytest
 import torch
 
 from sdft_utils.rollout.hf import HFRollout
-from sdft_utils.rollout.sampling import Rollouts, SamplingConfig, derive_seed
-from sdft_utils.testing import TOOLS_CHATML_TEMPLATE, byte_level_tokenizer, favour_token, tiny_llama
+from sdft_utils.rollout.sampling import SamplingConfig, derive_seed
+from sdft_utils.testing import (
+    TOOLS_CHATML_TEMPLATE,
+    ScriptedEngine,
+    byte_level_tokenizer,
+    favour_token,
+    tiny_llama,
+)
 from sdft_utils.tools.config import ToolConfig
 from sdft_utils.tools.render import ToolChat
 from sdft_utils.tools.rollout import ToolPrompt, generate_with_tools, render_tool_prompts
@@ -16,37 +26,11 @@ FILLER = 280  # a token no text encodes to: had the loop re-tokenised the model'
 CALL_TEXT = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
 
 
-class ScriptedEngine:
-    """Returns fixed turns, one list per trajectory. A fake engine only here: a random tiny model never writes a
-    well-formed call, and these tests need known calls to drive parse -> execute -> continue; the loop sees only the
-    engine contract (token ids and log-probs), which the real HF and vLLM engines are tested on below and in
-    test_tool_vllm.py."""
-
-    def __init__(self, tokenizer, turns: list[list[list[int] | str]]):
-        self.tokenizer, self.turns, self.calls, self.seen = tokenizer, turns, [], []
-
-    def ids(self, turn):
-        return turn if isinstance(turn, list) else self.tokenizer(turn, add_special_tokens=False)["input_ids"] + [EOS]
-
-    def generate(self, prompt_ids, sampling, seeds=None):
-        self.calls.append({"contexts": [list(ids) for ids in prompt_ids], "seeds": seeds,
-                           "max_new_tokens": sampling.max_new_tokens})
-        owners = list(range(len(prompt_ids))) if not self.seen else []
-        for context in prompt_ids if self.seen else []:  # a trajectory's context extends what it was last given
-            owners.append(next(i for i, before in enumerate(self.seen)
-                               if i not in owners and context[:len(before)] == before))
-        out = [self.ids(self.turns[owner].pop(0)) for owner in owners]
-        self.seen = self.seen or [[] for _ in prompt_ids]
-        for owner, context, tokens in zip(owners, prompt_ids, out, strict=True):
-            self.seen[owner] = list(context) + tokens
-        return Rollouts(out, [[-0.25 - 0.01 * i for i in range(len(ids))] for ids in out], False)
-
-
 def run(turns, prompts, config, template=None, max_new_tokens=400, num_samples=1, seeds=None):
     tokenizer = byte_level_tokenizer(vocab_size=300, **({"chat_template": template} if template else {}))
     chat = ToolChat.from_tokenizer(tokenizer, [EOS])
     prompt_ids, _ = render_tool_prompts(chat, prompts, config, 4096)
-    engine = ScriptedEngine(tokenizer, turns)
+    engine = ScriptedEngine(tokenizer, turns, EOS)
     sampling = SamplingConfig(max_new_tokens, num_samples=num_samples)
     rollouts = generate_with_tools(engine, chat, prompts, prompt_ids, sampling,
                                    list(seeds or range(len(prompts))), config)
