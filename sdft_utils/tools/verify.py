@@ -65,3 +65,23 @@ def run_tool_tasks(engine, tokenizer, tasks: list, sampling, max_prompt_length: 
     verdicts = [score_trajectory(task.verifier, task.row, trajectory)
                 for task, trajectory in zip(repeated, rollouts.trajectories, strict=True)]
     return verdicts, rollouts
+
+
+def tool_success_rate(engine, tokenizer, tasks: list, accelerator, max_prompt_length: int, max_new_tokens: int,
+                      config, threshold: float = 0.5, temperature: float = 0.0, samples: int = 1) -> float:
+    """`sdft_utils.sdpo.tasks.success_rate` for tool tasks: each process rolls out its share of `tasks` with tools;
+    the success rate (score >= threshold) over all processes, greedy by default."""
+    import torch
+
+    from sdft_utils.rollout.sampling import SamplingConfig
+
+    mine = tasks[accelerator.process_index::accelerator.num_processes]
+    correct = 0.0
+    if mine:
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  num_samples=samples if temperature > 0 else 1)
+        verdicts, _ = run_tool_tasks(engine, tokenizer, mine, sampling, max_prompt_length, config)
+        correct = sum(verdict.score >= threshold for verdict in verdicts) / sampling.num_samples
+    total = accelerator.reduce(torch.tensor([correct, len(mine)], dtype=torch.float64, device=accelerator.device),
+                               reduction="sum")
+    return (total[0] / total[1]).item()
