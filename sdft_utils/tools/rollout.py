@@ -16,6 +16,11 @@ feedback, the environment's final state).
 
 Seeds: with per-prompt seeds, turn t of sample s of a prompt with seed k is sampled with `derive_seed(k, s, t)`, so a
 trajectory depends only on its prompt's seed, never on which other trajectories share the batch.
+
+Several processes: the rounds run in lockstep. Every process makes every round's `generate` call with the same number
+of contexts and the same `max_new_tokens` (padding with one-token idle contexts whose output is dropped) until no
+process has an open trajectory, because engines may hold collectives inside `generate`: HF on ZeRO-3/FSDP2 gathers
+parameters in every forward, vLLM tensor-parallel groups share their prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+import torch.distributed as dist
 
 from sdft_utils.rollout.sampling import Rollouts, SamplingConfig, derive_seed
 from sdft_utils.tools.config import ToolConfig
@@ -216,6 +224,16 @@ def _finish_turn(run: _Running, chat: ToolChat, tokens: list[int], logprobs: lis
     return True
 
 
+def _agree_across_processes(open_trajectories: int, new_tokens: int) -> tuple[int, int]:
+    """(the most open trajectories on any process, the largest max_new_tokens) over all processes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return open_trajectories, new_tokens
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([open_trajectories, new_tokens], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return int(values[0]), int(values[1])
+
+
 def generate_with_tools(engine, chat: ToolChat, prompts: list[ToolPrompt], prompt_ids: list[list[int]],
                         sampling: SamplingConfig, seeds: list[int] | None, config: ToolConfig) -> Rollouts:
     """Multi-turn rollouts with tool execution (see the module docstring); `prompt_ids` are the prompts rendered
@@ -224,18 +242,24 @@ def generate_with_tools(engine, chat: ToolChat, prompts: list[ToolPrompt], promp
     budget = sampling.max_new_tokens
     from_training_weights = True
     active = running
-    while active:
+    idle = [prompt_ids[0][-1]] if prompt_ids else [chat.eos_token_ids[0]]  # a one-token context for lockstep padding
+    while True:
         room = [budget - len(run.completion) for run in active]
-        new_tokens = max(room) if config.max_turn_tokens is None else min(config.max_turn_tokens, max(room))
+        new_tokens = max(room, default=1)
+        new_tokens = new_tokens if config.max_turn_tokens is None else min(config.max_turn_tokens, new_tokens)
+        width, new_tokens = _agree_across_processes(len(active), new_tokens)
+        if width == 0:
+            break
         turn = SamplingConfig(max_new_tokens=new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                               num_samples=1, logprobs=sampling.logprobs)
         turn_seeds = None if seeds is None else [derive_seed(run.seed, run.sample, run.trajectory.model_turns)
-                                                 for run in active]
-        generated = engine.generate([run.context for run in active], turn, turn_seeds)
+                                                 for run in active] + [0] * (width - len(active))
+        generated = engine.generate([run.context for run in active] + [idle] * (width - len(active)), turn,
+                                    turn_seeds)
         from_training_weights = generated.from_training_weights
         still = []
-        for run, room_left, tokens, logprobs in zip(active, room, generated.completion_ids, generated.logprobs,
-                                                    strict=True):
+        for run, room_left, tokens, logprobs in zip(active, room, generated.completion_ids[:len(active)],
+                                                    generated.logprobs[:len(active)], strict=True):
             limit = room_left if config.max_turn_tokens is None else min(room_left, config.max_turn_tokens)
             kept_logprobs = list(logprobs[:limit]) if sampling.logprobs else None
             if _finish_turn(run, chat, list(tokens[:limit]), kept_logprobs, budget, config):

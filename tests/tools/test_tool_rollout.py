@@ -169,3 +169,46 @@ def test_hf_engine_multi_turn_logprobs_match_one_forward_over_the_whole_sequence
     # seeded: a prompt's trajectories do not depend on the other prompts in the batch
     alone = generate_with_tools(engine, chat, prompts[1:2], prompt_ids[1:2], sampling, [6], ToolConfig())
     assert alone.completion_ids == rollouts.completion_ids[2:4]
+
+
+class LockstepCheck:
+    """The real HF engine, plus what a sharded forward imposes: every process takes part in every call (an all_gather
+    of the call's shape, which a missing process would hang) with the same shape."""
+
+    def __init__(self, engine):
+        self.engine, self.shapes = engine, []
+
+    def generate(self, prompt_ids, sampling, seeds=None):
+        import torch.distributed as dist
+
+        shape = torch.tensor([len(prompt_ids), sampling.max_new_tokens])
+        gathered = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, shape)
+        self.shapes.append([tensor.tolist() for tensor in gathered])
+        return self.engine.generate(prompt_ids, sampling, seeds)
+
+
+def lockstep_worker(rank, world_size):
+    chat = ToolChat.from_tokenizer(byte_level_tokenizer(), [EOS])
+    # rank 0: one trajectory of one turn; rank 1: two trajectories of four turns each
+    prompts = [ToolPrompt([{"role": "user", "content": f"Question {rank}.{i}"}], environment="tool_fixtures:Counter",
+                          state={"user_turns": ["more"] * (3 * rank)}) for i in range(1 + rank)]
+    prompt_ids, _ = render_tool_prompts(chat, prompts, ToolConfig(), 4096)
+    engine = LockstepCheck(HFRollout(favour_token(tiny_llama(), EOS, logit_gap=6.0), EOS, [EOS], batch_size=1))
+    rollouts = generate_with_tools(engine, chat, prompts, prompt_ids, SamplingConfig(max_new_tokens=400),
+                                   [10 * rank + i for i in range(len(prompts))], ToolConfig())
+    return {"turns": [t.model_turns for t in rollouts.trajectories], "shapes": engine.shapes,
+            "lengths": [len(c) for c in rollouts.completion_ids]}
+
+
+def test_processes_run_the_rounds_in_lockstep(tmp_path):
+    """Two real gloo processes with different amounts of work: every generate() call is made by both, with the same
+    number of contexts and max_new_tokens (engine batch size 1: the same number of chunks too), until both are done;
+    idle padding never leaks into a process's results."""
+    from tests.distributed_harness import run_ranks
+
+    first, second = run_ranks(lockstep_worker, 2, tmp_path)
+    assert first["turns"] == [1] and second["turns"] == [4, 4]
+    assert first["shapes"] == second["shapes"] and len(first["shapes"]) == 4
+    assert all(shape[0] == shape[1] and shape[0][0] == 2 for shape in first["shapes"])  # padded to the widest
+    assert len(first["lengths"]) == 1 and len(second["lengths"]) == 2
