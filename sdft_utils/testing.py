@@ -21,10 +21,38 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML with a tools section in the style of Qwen2.5's template (written for the tests): the schemas in the system
+# turn, calls as <tool_call> JSON blocks, consecutive tool results grouped into one user turn of <tool_response>s
+TOOLS_CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "# Tools\n\n<tools>{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}{{ '\n</tools>\n\n' }}"
+    "Call a function as <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+    "<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{ call['function']['arguments'] | tojson }}{{ '}\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
-def byte_level_tokenizer(vocab_size: int = 259) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with no merges (259 tokens) and a ChatML chat template.
+def byte_level_tokenizer(vocab_size: int = 259, chat_template: str = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges (259 tokens) and a ChatML chat template (SmolLM2's shape, no tools
+    section; `TOOLS_CHATML_TEMPLATE` gives one with tools in Qwen2.5's style).
 
     Token ids 0-2 are the special tokens; eos = pad = `<|im_end|>` (id 2), as in SmolLM2. A larger `vocab_size`
     appends filler tokens `<259>`, `<260>`, ... that text never encodes to but a random model may sample (so a
@@ -41,7 +69,7 @@ def byte_level_tokenizer(vocab_size: int = 259) -> PreTrainedTokenizerFast:
         tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
         additional_special_tokens=SPECIAL_TOKENS,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -54,6 +82,20 @@ def tiny_llama(vocab_size: int = 259, seed: int = 0, tie_word_embeddings: bool =
         tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def favour_token(model: LlamaForCausalLM, token_id: int, logit_gap: float = 5.5) -> LlamaForCausalLM:
+    """Make a random Llama likely to sample `token_id` (e.g. EOS, so tool-rollout turns end after a few tokens):
+    every input embedding gets a shared large component u, so the final normalised hidden state points along u,
+    and the token's output row is set along u to give it ~`logit_gap` more logit than the others (ln(258) ~ 5.5:
+    about even odds against all other tokens of the 259-token vocabulary). Untied embeddings only; in place."""
+    with torch.no_grad():
+        embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        direction = torch.nn.functional.normalize(torch.randn(embedding.shape[1], generator=torch.Generator()
+                                                              .manual_seed(1)), dim=0)
+        embedding += 10.0 * direction
+        head[token_id] = logit_gap / embedding.shape[1] ** 0.5 * direction
+    return model
 
 
 def save_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool = False) -> Path:
@@ -128,6 +170,42 @@ class LiveTensorBytes(TorchDispatchMode):
             self.largest = max(self.largest, nbytes)
             weakref.finalize(storage, self._release, key, nbytes)
         return out
+
+
+class ScriptedEngine:
+    """A rollout engine that returns fixed turns: `turns[i]` lists trajectory i's turns, each a text (encoded, EOS
+    appended) or token ids; log-probs are -0.25, -0.26, ... per turn.
+
+    A fake engine, for the tool-loop unit tests only: a random tiny model never writes a well-formed tool call, and
+    those tests need known calls to drive parse -> execute -> continue. The loop sees nothing of an engine but this
+    contract (token ids and log-probs per context); the real HF and vLLM engines are tested on it separately.
+    A context is matched to its trajectory because it extends what that trajectory was last given.
+    """
+
+    def __init__(self, tokenizer, turns: list[list], eos_token_id: int = 2):
+        self.tokenizer, self.turns, self.eos_token_ids = tokenizer, turns, [eos_token_id]
+        self.calls: list[dict] = []  # per generate(): the contexts, seeds and max_new_tokens it was given
+        self.seen: list[list[int]] = []
+
+    def ids(self, turn) -> list[int]:
+        if isinstance(turn, list):
+            return turn
+        return self.tokenizer(turn, add_special_tokens=False)["input_ids"] + self.eos_token_ids
+
+    def generate(self, prompt_ids, sampling, seeds=None):
+        from sdft_utils.rollout.sampling import Rollouts
+
+        self.calls.append({"contexts": [list(ids) for ids in prompt_ids], "seeds": seeds,
+                           "max_new_tokens": sampling.max_new_tokens})
+        owners = list(range(len(prompt_ids))) if not self.seen else []
+        for context in prompt_ids if self.seen else []:
+            owners.append(next(i for i, before in enumerate(self.seen)
+                               if i not in owners and context[:len(before)] == before))
+        out = [self.ids(self.turns[owner].pop(0)) for owner in owners]
+        self.seen = self.seen or [[] for _ in prompt_ids]
+        for owner, context, tokens in zip(owners, prompt_ids, out, strict=True):
+            self.seen[owner] = list(context) + tokens
+        return Rollouts(out, [[-0.25 - 0.01 * i for i in range(len(ids))] for ids in out], False)
 
 
 def run_training_script(script: str, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

