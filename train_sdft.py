@@ -35,16 +35,17 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from sdft_utils.cli import arg, override, parse_args
 from sdft_utils.data.order import process_positions, step_indices
-from sdft_utils.data.prompts import load_teacher_template, tokenize_chat_prompts
+from sdft_utils.data.prompts import load_teacher_template
 from sdft_utils.data.sdft import load_sdft_dataset
 from sdft_utils.errors import exit_on_user_error
-from sdft_utils.evaluation.answers import answer_accuracy, eval_set_name, load_eval_set
+from sdft_utils.evaluation.suites import load_task_file
 from sdft_utils.losses.weighting import (
     IS_MODES,
     completion_loss_mask,
@@ -54,6 +55,8 @@ from sdft_utils.losses.weighting import (
     sequence_mean_loss,
 )
 from sdft_utils.rollout.sampling import SamplingConfig, prompt_seeds
+from sdft_utils.sdpo.tasks import make_scorer, success_rate
+from sdft_utils.tools.rollout import ToolPrompt
 from sdft_utils.training.batching import build_distill_batch
 from sdft_utils.training.config import (
     EvalArgs,
@@ -110,14 +113,17 @@ def main() -> None:
                       default_config=EMBEDDED_RECIPE if runs_embedded_default(sys.argv[1:]) else None)
     args.check()
     require_dataset(args)
-    dataset = load_sdft_dataset(args.dataset, prompt_column=args.prompt_column,
-                                demonstration_column=args.demonstration_column,
-                                teacher_prompt_column=args.teacher_prompt_column,
-                                teacher_template=load_teacher_template(args.teacher_template), split=args.dataset_split)
-    eval_sets = {eval_set_name(path): load_eval_set(path) for path in args.eval_datasets}
-    run = start_run(args, method="sdft", num_examples=len(dataset),
+    load = partial(load_sdft_dataset, args.dataset, prompt_column=args.prompt_column,
+                   demonstration_column=args.demonstration_column, teacher_prompt_column=args.teacher_prompt_column,
+                   teacher_template=load_teacher_template(args.teacher_template), split=args.dataset_split)
+    dataset = load(call_format="hermes" if args.tool_format == "auto" else args.tool_format)
+    tools = args.tool_environment is not None or any(example.tools or example.environment for example in dataset)
+    eval_sets = {Path(path).stem: load_task_file(path) for path in args.eval_datasets}  # answers, or verifier rows
+    run = start_run(args, method="sdft", num_examples=len(dataset), tools=tools,
                     eval_metrics=[f"eval/{name}_accuracy" for name in eval_sets],
-                    evaluate=make_evaluate(eval_sets, answer_accuracy, "accuracy"))
+                    evaluate=make_evaluate(eval_sets, partial(success_rate, score=make_scorer(None)), "accuracy"))
+    if tools and dataset[0].demonstration_messages is not None:
+        dataset = load(call_format=run.tool_chat.call_format)  # trajectory demonstrations in this model's call syntax
     model, tokenizer = run.model, run.tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations,
@@ -132,11 +138,13 @@ def main() -> None:
         step_start = time.perf_counter()
         positions = process_positions(args.prompts_per_step, run.backend.world, run.backend.rank)
         examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed, positions)]
-        student_prompts, student_truncated = tokenize_chat_prompts(
-            tokenizer, [example.prompt for example in examples], args.max_prompt_length, args.student_template_kwargs)
-        teacher_prompts, teacher_truncated = tokenize_chat_prompts(
-            tokenizer, [example.teacher_prompt for example in examples], args.max_prompt_length,
-            args.teacher_template_kwargs)
+        # tool rows: student and teacher see the same tools, and rollouts execute the calls
+        tool_prompts = [ToolPrompt(example.prompt, example.tools, example.environment, example.environment_state)
+                        for example in examples] if tools else None
+        student_prompts, student_truncated = run.render_prompts([example.prompt for example in examples],
+                                                                args.student_template_kwargs, tool_prompts)
+        teacher_prompts, teacher_truncated = run.render_prompts([example.teacher_prompt for example in examples],
+                                                                args.teacher_template_kwargs, tool_prompts)
         if student_truncated + teacher_truncated and not warned_about_truncation:
             run.note(f"note: prompts longer than --max_prompt_length {args.max_prompt_length} are cut from the left; "
                      "metrics.jsonl counts them in truncated_prompts")
@@ -144,7 +152,7 @@ def main() -> None:
 
         # 1. on-policy samples: the student sees the prompt alone (per-prompt seeds: the same on 1 process or N)
         rollout_start = time.perf_counter()
-        rollouts = run.rollout.generate(student_prompts, sampling, prompt_seeds(args.seed, step, positions))
+        rollouts = run.generate(student_prompts, sampling, prompt_seeds(args.seed, step, positions), tool_prompts)
         rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
         student_prompts = [ids for ids in student_prompts for _ in range(args.num_generations)]
         teacher_prompts = [ids for ids in teacher_prompts for _ in range(args.num_generations)]
@@ -160,8 +168,11 @@ def main() -> None:
             rows = slice(start, start + args.per_device_batch_size)
             batch = build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                         None if rollout_logprobs is None else rollout_logprobs[rows],
-                                        tokenizer.pad_token_id)
+                                        tokenizer.pad_token_id,
+                                        None if rollouts.model_token_masks is None else rollouts.model_token_masks[rows])
             loss_mask = completion_loss_mask(batch.completion_mask, args.num_loss_tokens_to_skip)
+            if batch.model_token_mask is not None:  # tool results are context, never loss
+                loss_mask = loss_mask * batch.model_token_mask
             batch = batch.to(run.device)
             with run.accelerator.accumulate(model):
                 per_token = run.token_divergence(batch, scored=loss_mask.bool(),  # (B, T) each

@@ -45,7 +45,6 @@ import torch
 
 from sdft_utils.cli import arg, override, parse_args
 from sdft_utils.data.order import process_positions, step_indices
-from sdft_utils.data.prompts import tokenize_chat_prompts
 from sdft_utils.errors import exit_on_user_error
 from sdft_utils.losses.weighting import kl_k3
 from sdft_utils.rollout.sampling import SamplingConfig, prompt_seeds
@@ -57,8 +56,16 @@ from sdft_utils.sdpo.policy_gradient import (
 )
 from sdft_utils.sdpo.reprompt import TRUNCATION_SIDES, RepromptConfig, build_reprompts, tokenize_reprompts
 from sdft_utils.sdpo.sandbox import SandboxConfig
-from sdft_utils.sdpo.tasks import load_sdpo_tasks, make_scorer, needs_sandbox, score_all, success_rate
+from sdft_utils.sdpo.tasks import (
+    is_tool_task,
+    load_sdpo_tasks,
+    make_scorer,
+    needs_sandbox,
+    score_rollouts,
+    success_rate,
+)
 from sdft_utils.sdpo.verifiers import VERIFIERS, load_reward_fn
+from sdft_utils.tools.rollout import ToolPrompt
 from sdft_utils.training.batching import build_distill_batch, to_device
 from sdft_utils.training.config import (
     DataArgs,
@@ -140,10 +147,11 @@ def main() -> None:
     if needs_sandbox([*tasks, *(task for rows in eval_sets.values() for task in rows)]):
         args.check_isolation()  # model-written code runs only where isolation works (or --unsafe_code_execution says so)
     score = make_scorer(reward_fn, args)
+    tools = args.tool_environment is not None or any(is_tool_task(task) for task in tasks)
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,
                                      args.environment_feedback_only_without_solution)
-    run = start_run(args, method="sdpo", num_examples=len(tasks), mini_batches=args.mini_batches,
+    run = start_run(args, method="sdpo", num_examples=len(tasks), mini_batches=args.mini_batches, tools=tools,
                     eval_metrics=[f"eval/{name}_success" for name in eval_sets],
                     evaluate=make_evaluate(eval_sets, partial(success_rate, score=score,
                                                               threshold=args.success_threshold), "success"))
@@ -161,24 +169,26 @@ def main() -> None:
         # this process's share of every mini-batch: an optimizer step sees the same questions on 1 or N processes
         positions = process_positions(args.prompts_per_step, run.backend.world, run.backend.rank, args.mini_batches)
         batch_tasks = [tasks[i] for i in step_indices(step, len(tasks), args.prompts_per_step, args.seed, positions)]
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in batch_tasks], args.max_prompt_length,
-                                              args.student_template_kwargs)
+        # tool rows: multi-turn rollouts that execute the calls; the teacher's reprompt shows the same tools
+        tool_prompts = [ToolPrompt.from_row(task.prompt, task.row) for task in batch_tasks] if tools else None
+        prompt_ids, _ = run.render_prompts([task.prompt for task in batch_tasks], args.student_template_kwargs,
+                                           tool_prompts)
 
         # 1-2. G rollouts per question (per-question seeds: the same on 1 process or N), scored by the verifier
         rollout_start = time.perf_counter()
-        rollouts = run.rollout.generate(prompt_ids, sampling, prompt_seeds(args.seed, step, positions))
+        rollouts = run.generate(prompt_ids, sampling, prompt_seeds(args.seed, step, positions), tool_prompts)
         rollout_seconds = time.perf_counter() - rollout_start  # generate() returns host lists: already synced
-        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
         rollout_tasks = [task for task in batch_tasks for _ in range(group)]
-        verdicts = score_all(rollout_tasks, texts, score, args)  # code runs sandboxed, --sandbox_workers at once
+        texts, verdicts = score_rollouts(rollout_tasks, rollouts, tokenizer, score, args, run.tool_chat, reward_fn)
         rewards = torch.tensor([verdict.score for verdict in verdicts])
 
         # 3. reprompts: a sibling's success, else this rollout's feedback, else masked
         reprompts, reprompt_stats = build_reprompts([task.prompt for task in batch_tasks], texts, rewards.tolist(),
                                                     [verdict.feedback for verdict in verdicts], group, reprompt_config)
-        teacher_prompts, truncated = tokenize_reprompts(tokenizer, [task.prompt for task in rollout_tasks], reprompts,
-                                                        args.max_reprompt_length, args.reprompt_truncation,
-                                                        args.teacher_template_kwargs)
+        teacher_prompts, truncated = tokenize_reprompts(
+            tokenizer, [task.prompt for task in rollout_tasks], reprompts, args.max_reprompt_length,
+            args.reprompt_truncation, args.teacher_template_kwargs, run.tool_chat,
+            None if tool_prompts is None else [prompt.tools for prompt in tool_prompts for _ in range(group)])
         student_prompts = [ids for ids in prompt_ids for _ in range(group)]
         distill_mask = torch.tensor([float(reprompt.used) for reprompt in reprompts])
         advantages = grpo_advantages(rewards, group, args.normalize_advantage_std)
@@ -186,7 +196,8 @@ def main() -> None:
         rollout_logprobs = None if rollouts.from_training_weights else rollouts.logprobs
         batches = [build_distill_batch(student_prompts[rows], teacher_prompts[rows], rollouts.completion_ids[rows],
                                        None if rollout_logprobs is None else rollout_logprobs[rows],
-                                       tokenizer.pad_token_id)
+                                       tokenizer.pad_token_id,
+                                       None if rollouts.model_token_masks is None else rollouts.model_token_masks[rows])
                    for rows in (slice(start, start + args.per_device_batch_size)
                                 for start in range(0, len(student_prompts), args.per_device_batch_size))]
         # pi_old: on-policy (one mini-batch) it is the current model; later mini-batches need the sampling policy's
@@ -201,12 +212,13 @@ def main() -> None:
         learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses
         for number, host_batch in enumerate(batches):
             rows = slice(number * args.per_device_batch_size, (number + 1) * args.per_device_batch_size)
+            written = host_batch.completion_mask if host_batch.model_token_mask is None else \
+                host_batch.completion_mask * host_batch.model_token_mask  # tool results are context, never loss
             batch = host_batch.to(run.device)
             with run.accelerator.accumulate(model):
-                per_token = run.token_divergence(batch, scored=host_batch.completion_mask.bool(),
-                                                 policy_logprobs=args.grpo_lambda > 0,
+                per_token = run.token_divergence(batch, scored=written.bool(), policy_logprobs=args.grpo_lambda > 0,
                                                  logprob_top_p=rollouts.logprob_top_p)
-                mask = batch.completion_mask.float()
+                mask = to_device(written.float(), run.device)
                 current = per_token["student_logprobs"]
                 old = current if old_logprobs is None else _padded(old_logprobs[rows], current)
                 weights, stats = token_is_weights(current, old, per_token["rollout_logprobs"], args.is_cap,

@@ -6,18 +6,11 @@ strings); a greedy completion counts as correct when it contains one of the answ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
-from accelerate import Accelerator
-
-from sdft_utils.data.prompts import to_messages, tokenize_chat_prompts
+from sdft_utils.data.prompts import to_messages
 from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
-from sdft_utils.rollout.sampling import SamplingConfig
 
 
 @dataclass
@@ -47,26 +40,3 @@ def load_eval_set(source: str) -> list[EvalExample]:
     return examples
 
 
-def eval_set_name(source: str) -> str:
-    return Path(source).stem
-
-
-def answer_accuracy(rollout, tokenizer, examples: list[EvalExample], accelerator: Accelerator,
-                    max_prompt_length: int, sampling: SamplingConfig,
-                    chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
-    """Accuracy over all processes: the fraction of completions that contain an answer (greedy by default; with
-    `sampling.num_samples` > 1 the mean over the samples of each question, avg@n). Prompts are rendered with the
-    student's `chat_template_kwargs`."""
-    mine = examples[accelerator.process_index::accelerator.num_processes]
-    correct = 0.0
-    if mine:
-        prompt_ids, _ = tokenize_chat_prompts(tokenizer, [example.prompt for example in mine], max_prompt_length,
-                                              chat_template_kwargs)
-        rollouts = rollout.generate(prompt_ids, sampling)
-        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        repeated = [example for example in mine for _ in range(sampling.num_samples)]
-        correct = sum(any(answer.lower() in text.lower() for answer in example.answers)
-                      for example, text in zip(repeated, texts, strict=True)) / sampling.num_samples
-    total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, reduction="sum")
-    return (total[0] / total[1]).item()

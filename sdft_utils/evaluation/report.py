@@ -20,10 +20,10 @@ import torch
 
 from sdft_utils.data.prompts import ChatTemplateConfig, tokenize_chat_prompts
 from sdft_utils.errors import UserInputError
-from sdft_utils.evaluation.suites import is_tool_task, score_task, summarize
+from sdft_utils.evaluation.suites import score_task, summarize
 from sdft_utils.rollout.hf import HFRollout
 from sdft_utils.rollout.sampling import SamplingConfig
-from sdft_utils.sdpo.tasks import Task
+from sdft_utils.sdpo.tasks import Task, is_tool_task
 from sdft_utils.tools.config import ToolConfig
 from sdft_utils.tools.verify import run_tool_tasks
 from sdft_utils.training.modeling import eos_token_ids, load_model, load_tokenizer

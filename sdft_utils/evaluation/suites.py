@@ -48,16 +48,9 @@ CONTAINS = "contains"  # the SDFT evaluation files' rule: the completion contain
 
 
 # ---------------------------------------------------------------------------------------------------- scorers
-def contains_answer(completion: str, answers: list[str]) -> bool:
-    """SDFT evaluation rule (`sdft_utils.evaluation.answers`): one of the answers appears in the completion, any case."""
-    lowered = completion.lower()
-    return any(answer.lower() in lowered for answer in answers)
-
-
 def score_task(task: Task, completion: str, threshold: float = 0.5) -> bool:
-    """Is this completion correct? The verifier's score >= threshold (SDPO's success rule), or `contains`."""
-    if task.verifier == CONTAINS:
-        return contains_answer(completion, task.row["answers"])
+    """Is this completion correct? The verifier's score >= threshold (SDPO's success rule; `contains` for the SDFT
+    evaluation files)."""
     return VERIFIERS[task.verifier](completion, task.row).score >= threshold
 
 
@@ -251,12 +244,6 @@ def load_tool_suite(spec: str, limit: int | None = None, seed: int = 0) -> list[
         tasks = [tasks[i] for i in sorted(random.Random(f"{spec}-{seed}").sample(range(len(tasks)), limit))]
     return tasks
 
-
-def is_tool_task(task: Task) -> bool:
-    """Rolled out with tools (and scored on the trajectory) rather than answered in one generation."""
-    from sdft_utils.tools.verify import TRAJECTORY_VERIFIERS
-
-    return task.verifier in TRAJECTORY_VERIFIERS or bool(task.row.get("tools"))
 
 
 def is_prior_benchmark(spec: str) -> bool:

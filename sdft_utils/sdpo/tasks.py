@@ -81,6 +81,12 @@ def _column_problem(verifier: str, row: dict) -> tuple[str, str] | None:
         if not isinstance(tests, list) or not tests or not all(
                 isinstance(t, dict) and "output" in t and ("input" in t or "fn_name" in t) for t in tests):
             return "tests", 'a non-empty list of {"input", "output"} or {"fn_name", "args", "output"} objects'
+    elif verifier == "contains":
+        answers = row.get("answers")
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            return "answers", "a non-empty string or list of strings, one of which the answer must contain"
+        row["answers"] = answers
     elif verifier == "tool":
         answer = row.get("answer")
         try:
@@ -181,15 +187,42 @@ def score_all(tasks: list[Task], completions: list[str], score: Scorer, sandbox:
     return verdicts
 
 
+def is_tool_task(task: Task) -> bool:
+    """Rolled out with tools (and scored on the trajectory) rather than answered in one generation."""
+    return task.verifier in tool_verify.TRAJECTORY_VERIFIERS or bool(task.row.get("tools") or task.row.get("environment"))
+
+
+def score_rollouts(tasks: list[Task], rollouts, tokenizer, score: Scorer, sandbox: SandboxConfig, tool_chat=None,
+                   reward_fn: Verifier | None = None) -> tuple[list[str], list[Verdict]]:
+    """Each rollout's text (what a reprompt shows as a sibling's solution) and its verdict. Text rollouts: the
+    decoded completion, scored by the task's verifier (code under the sandbox, `--sandbox_workers` at once). Tool
+    rollouts (`tool_chat` given): the trajectory written as a demonstration, scored on what happened (calls, final
+    environment state), with the environment's errors as the feedback."""
+    if tool_chat is None:
+        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+        return texts, score_all(tasks, texts, score, sandbox)
+    texts = [tool_chat.demonstration_text(trajectory.messages) for trajectory in rollouts.trajectories]
+    verdicts = [tool_verify.score_trajectory(task.verifier, task.row, trajectory, reward_fn)
+                for task, trajectory in zip(tasks, rollouts.trajectories, strict=True)]
+    return texts, verdicts
+
+
 def success_rate(rollout, tokenizer, tasks: list[Task], accelerator, max_prompt_length: int,
                  sampling: SamplingConfig, score: Scorer, threshold: float = 0.5,
-                 chat_template_kwargs: Mapping[str, Any] | None = None) -> float:
+                 chat_template_kwargs: Mapping[str, Any] | None = None, tool_config=None) -> float:
     """Success rate (reward >= threshold) over all processes: greedy, or the mean over `sampling.num_samples`
     completions per question (avg@n, the SDPO paper's validation: what the policy does when it samples). Prompts are
-    rendered with the student's `chat_template_kwargs`."""
+    rendered with the student's `chat_template_kwargs`. Tool tasks (rows with `tools` or a trajectory verifier) are
+    rolled out with tools under `tool_config` and scored on their trajectories."""
     mine = tasks[accelerator.process_index::accelerator.num_processes]
     correct = 0
-    if mine:
+    if mine and any(is_tool_task(task) for task in mine):
+        from sdft_utils.tools.config import ToolConfig
+
+        verdicts, _ = tool_verify.run_tool_tasks(rollout, tokenizer, mine, sampling, max_prompt_length,
+                                                 tool_config or ToolConfig())
+        correct = sum(verdict.score >= threshold for verdict in verdicts) / sampling.num_samples
+    elif mine:
         prompt_ids, _ = tokenize_chat_prompts(tokenizer, [task.prompt for task in mine], max_prompt_length,
                                               chat_template_kwargs)
         rollouts = rollout.generate(prompt_ids, sampling)

@@ -303,9 +303,17 @@ def verify_tool(completion: str, row: dict) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-VERIFIERS: dict[str, Verifier] = {"math": verify_math, "mcq": verify_mcq, "code": verify_code, "tool": verify_tool}
+def verify_contains(completion: str, row: dict) -> Verdict:
+    """The SDFT evaluation files' rule: one of the row's `answers` appears in the completion, ignoring case."""
+    lowered = completion.lower()
+    return Verdict(float(any(answer.lower() in lowered for answer in row["answers"])), "")
+
+
+VERIFIERS: dict[str, Verifier] = {"math": verify_math, "mcq": verify_mcq, "code": verify_code, "tool": verify_tool,
+                                  "contains": verify_contains}
 # Columns each verifier reads, beside the prompt (checked before any model loads).
-REQUIRED_COLUMNS = {"math": ("answer",), "mcq": ("answer",), "code": ("tests",), "tool": ("answer",)}
+REQUIRED_COLUMNS = {"math": ("answer",), "mcq": ("answer",), "code": ("tests",), "tool": ("answer",),
+                    "contains": ("answers",)}
 
 
 def as_verdict(value) -> Verdict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sdft_utils.cli import arg
 from sdft_utils.data.prompts import ChatTemplateConfig
 from sdft_utils.errors import UserInputError
+from sdft_utils.tools.config import ToolConfig
 
 BACKENDS = ["accelerate", "megatron"]
 DTYPES = ["auto", "mixed", "bfloat16", "float16", "float32"]
@@ -271,13 +272,17 @@ def _flash_attn_installed() -> bool:
 # Bases are listed last group first: dataclasses collect fields from the last base to the first, so --help and
 # the flag reference read model, data, rollout, loss, teacher, peft, optimization, outputs, evaluation.
 @dataclass
-class RunArgs(EvalArgs, OutputArgs, OptimArgs, LoraArgs, TeacherArgs, LossArgs, RolloutArgs, ChatTemplateConfig,
-              DataArgs, ModelArgs):
+class RunArgs(EvalArgs, OutputArgs, OptimArgs, LoraArgs, TeacherArgs, LossArgs, ToolConfig, RolloutArgs,
+              ChatTemplateConfig, DataArgs, ModelArgs):
     """Every flag both scripts share."""
 
     def problems(self) -> list[str]:
         found = [problem for group in (ModelArgs, DataArgs, RolloutArgs, LossArgs, TeacherArgs, OptimArgs,
                                        OutputArgs, EvalArgs) for problem in group.problems(self)]
+        try:
+            ToolConfig.check(self)
+        except UserInputError as error:
+            found.append(str(error))
         try:
             ChatTemplateConfig.check(self)
             if self.rollout == "vllm" and self.vllm_mode == "colocate" and self.model:

@@ -27,12 +27,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
+from sdft_utils.data.prompts import tokenize_chat_prompts
 from sdft_utils.errors import TrainingStopped
 from sdft_utils.losses.divergence import DivergenceOptions
 from sdft_utils.losses.weighting import full_vocabulary_logprobs, gather_rows, scatter_rows, scored_index
 from sdft_utils.rollout.engines import compute_dtype, weight_sync_tolerance
-from sdft_utils.rollout.sampling import SamplingConfig
+from sdft_utils.rollout.sampling import Rollouts, SamplingConfig
 from sdft_utils.rollout.weight_sync import check_weight_sync
+from sdft_utils.tools.render import ToolChat
+from sdft_utils.tools.rollout import ToolPrompt, generate_with_tools, render_tool_prompts
 from sdft_utils.training.backend import Backend, make_backend
 from sdft_utils.training.batching import DistillBatch, to_device
 from sdft_utils.training.checkpoint import BestCheckpoint, choose_eval_metric, resolve_resume_path
@@ -54,6 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     rollout: Any  # the engine: generate(prompt_ids, sampling, seeds) and sync_weights(model)
+    tool_chat: ToolChat | None  # tool runs: how tools enter prompts and how calls are parsed; None without tools
     metrics_log: MetricsLog
     total_steps: int
     start_step: int = 0
@@ -92,6 +96,25 @@ class Run:
         """A line above the progress bar (main process)."""
         if self.accelerator.is_main_process:
             (self.progress_bar.write if self.progress_bar is not None else print)(text)
+
+    # ------------------------------------------------------------------ prompts and rollouts
+    def render_prompts(self, conversations: list[list[dict]], template_kwargs: dict,
+                       tool_prompts: list[ToolPrompt] | None = None) -> tuple[list[list[int]], int]:
+        """Token ids of each conversation with the generation prompt, left-truncated to --max_prompt_length, and how
+        many were cut. With `tool_prompts` (a tool run) each is rendered with its prompt's tools."""
+        if tool_prompts is None:
+            return tokenize_chat_prompts(self.tokenizer, conversations, self.args.max_prompt_length, template_kwargs)
+        return render_tool_prompts(self.tool_chat, tool_prompts, self.args, self.args.max_prompt_length,
+                                   conversations)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int],
+                 tool_prompts: list[ToolPrompt] | None = None) -> Rollouts:
+        """Sample from the student. With `tool_prompts`: multi-turn rollouts that execute the calls, where
+        `Rollouts.model_token_masks` marks the tokens the model wrote (tool results are context, never loss)."""
+        if tool_prompts is None:
+            return self.rollout.generate(prompt_ids, sampling, seeds)
+        return generate_with_tools(self.rollout, self.tool_chat, tool_prompts, prompt_ids, sampling, seeds,
+                                   self.args)
 
     # ------------------------------------------------------------------ scoring
     def divergence_options(self) -> DivergenceOptions:
@@ -257,9 +280,10 @@ class Run:
 
 
 def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: list[str],
-              evaluate: Evaluate | None = None, mini_batches: int = 1) -> Run:
+              evaluate: Evaluate | None = None, mini_batches: int = 1, tools: bool = False) -> Run:
     """Set up a run whose data is already loaded and checked: `num_examples` training rows, `eval_metrics` the
-    names `evaluate` returns (the first picks the best checkpoint unless --eval_metric says otherwise)."""
+    names `evaluate` returns (the first picks the best checkpoint unless --eval_metric says otherwise); `tools`:
+    the rows call tools, so rollouts are multi-turn (`Run.generate`)."""
     resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     best_metric = choose_eval_metric(args.eval_metric, eval_metrics, args.eval_every)
     backend = make_backend(args, mini_batches)  # processes, accelerator; a bad launch config stops here
@@ -277,9 +301,12 @@ def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: li
                               num_training_steps=total_steps)
     model, teacher, optimizer = backend.prepare(model, teacher, optimizer, scheduler)
     rollout = backend.rollout_engine(model, tokenizer, model_path, eos_token_ids)
+    tool_chat = ToolChat.from_tokenizer(tokenizer, eos_token_ids, args.tool_template, args.tool_format) \
+        if tools else None
 
     run = Run(args=args, backend=backend, tokenizer=tokenizer, model=model, teacher=teacher, optimizer=optimizer,
-              scheduler=scheduler, rollout=rollout, metrics_log=None, total_steps=total_steps, method=method,
+              scheduler=scheduler, rollout=rollout, tool_chat=tool_chat, metrics_log=None, total_steps=total_steps,
+              method=method,
               best=BestCheckpoint(best_metric) if best_metric else None, evaluate=evaluate)
     if resume_path is not None:
         progress = backend.load(resume_path, model, teacher, optimizer, scheduler)
@@ -305,7 +332,7 @@ def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: li
 
 def make_evaluate(eval_sets: dict[str, list], score_set: Callable[..., float], metric: str) -> Evaluate:
     """The evaluation hook of `start_run`: `score_set(rollout, tokenizer, examples, accelerator, max_prompt_length,
-    sampling, chat_template_kwargs=...) -> float` on every held-out set, logged as eval/NAME_METRIC."""
+    sampling, chat_template_kwargs=..., tool_config=...) -> float` on every held-out set, logged as eval/NAME_METRIC."""
 
     def evaluate(run: Run, when: str) -> dict[str, float]:
         sampling = eval_sampling(run.args)
@@ -314,7 +341,7 @@ def make_evaluate(eval_sets: dict[str, list], score_set: Callable[..., float], m
         results = {}
         for name, examples in eval_sets.items():
             value = score_set(run.rollout, run.tokenizer, examples, run.accelerator, run.args.max_prompt_length,
-                              sampling, chat_template_kwargs=run.args.student_template_kwargs)
+                              sampling, chat_template_kwargs=run.args.student_template_kwargs, tool_config=run.args)
             results[f"eval/{name}_{metric}"] = value
             run.print(f"[{when}] {name}: {metric} {value:.3f} ({len(examples)} questions, {protocol})")
         return results

@@ -98,17 +98,17 @@ class RecordingRollout:
 
 
 def test_evaluation_renderers_take_the_kwargs(qwen3_tokenizer):
-    from sdft_utils.evaluation.answers import EvalExample, answer_accuracy
     from sdft_utils.evaluation.report import run_benchmark
     from sdft_utils.rollout.sampling import SamplingConfig
-    from sdft_utils.sdpo.tasks import Task, success_rate
+    from sdft_utils.sdpo.tasks import Task, make_scorer, success_rate
     from sdft_utils.sdpo.verifiers import Verdict
 
     accelerator = Accelerator(cpu=True)
     prompt = [{"role": "user", "content": "Name a colour."}]
     rollout = RecordingRollout()
     greedy = SamplingConfig(max_new_tokens=2, temperature=0.0)
-    answer_accuracy(rollout, qwen3_tokenizer, [EvalExample(prompt, ["red"])], accelerator, 256, greedy, OFF)
+    success_rate(rollout, qwen3_tokenizer, [Task(prompt, {"answers": ["red"]}, "contains")], accelerator, 256, greedy,
+                 make_scorer(None), chat_template_kwargs=OFF)
     success_rate(rollout, qwen3_tokenizer, [Task(prompt, {}, "reward_fn")], accelerator, 256, greedy,
                  lambda task, text: Verdict(1.0), chat_template_kwargs=OFF)
     run_benchmark(rollout, qwen3_tokenizer, [Task(prompt, {"answers": ["red"]}, "contains")], greedy, 256, OFF)

