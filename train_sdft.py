@@ -56,7 +56,7 @@ from sdft_utils.losses.weighting import (
 )
 from sdft_utils.rollout.sampling import SamplingConfig, prompt_seeds
 from sdft_utils.sdpo.tasks import make_scorer, success_rate
-from sdft_utils.tools.rollout import ToolPrompt
+from sdft_utils.tools.rollout import ToolPrompt, tool_metrics
 from sdft_utils.training.batching import build_distill_batch
 from sdft_utils.training.config import (
     EvalArgs,
@@ -225,6 +225,7 @@ def main() -> None:
             "rollout_seconds": rollout_seconds,
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(dataset),
+            **tool_metrics(rollouts),  # tool runs: turns, calls, errors, share of model-written tokens
         }
         run.log_and_save(step, metrics, postfix={"loss": f"{metrics['loss']:.4f}", "kl": f"{metrics['kl']:.4f}"})
     run.finish()

@@ -65,7 +65,7 @@ from sdft_utils.sdpo.tasks import (
     success_rate,
 )
 from sdft_utils.sdpo.verifiers import VERIFIERS, load_reward_fn
-from sdft_utils.tools.rollout import ToolPrompt
+from sdft_utils.tools.rollout import ToolPrompt, tool_metrics
 from sdft_utils.training.batching import build_distill_batch, to_device
 from sdft_utils.training.config import (
     DataArgs,
@@ -274,6 +274,7 @@ def main() -> None:
             "rollout_seconds": rollout_seconds,
             "weight_sync_logprob_diff": sync_difference,  # --check_weight_sync: largest |engine - trainer| log-prob
             "epoch": (step + 1) * args.prompts_per_step / len(tasks),
+            **tool_metrics(rollouts),  # tool runs: turns, calls, errors, share of model-written tokens
         }
         run.log_and_save(step, metrics, postfix={"reward": f"{metrics['reward/mean']:.2f}",
                                                  "reprompted": f"{reprompt_stats['reprompt_sample_fraction']:.2f}"})

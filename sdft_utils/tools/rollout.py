@@ -272,3 +272,18 @@ def generate_with_tools(engine, chat: ToolChat, prompts: list[ToolPrompt], promp
                     from_training_weights, logprob_top_p=logprob_top_p,
                     model_token_masks=[run.mask for run in running],
                     trajectories=[run.trajectory for run in running])
+
+
+def tool_metrics(rollouts: Rollouts) -> dict[str, float]:
+    """What a step's tool rollouts did, for metrics.jsonl (this process's rollouts; empty without tools): model
+    turns, parsed calls and errors per rollout, and the fraction of completion tokens the model wrote (the rest are
+    tool results and user turns, which the loss never sees)."""
+    if not rollouts.trajectories:
+        return {}
+    count = len(rollouts.trajectories)
+    written = sum(sum(mask) for mask in rollouts.model_token_masks)
+    total = max(sum(len(ids) for ids in rollouts.completion_ids), 1)
+    return {"tools/turns": sum(t.model_turns for t in rollouts.trajectories) / count,
+            "tools/calls": sum(len(t.all_calls) for t in rollouts.trajectories) / count,
+            "tools/errors": sum(len(t.errors) for t in rollouts.trajectories) / count,
+            "tools/model_token_fraction": written / total}
