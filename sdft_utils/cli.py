@@ -100,7 +100,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         scalar, is_list, optional = _field_kind(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         group.add_argument(
-            f"--{field.name}", type=_converter(scalar, optional), nargs="+" if is_list else None,
+            f"--{field.name}", type=_converter(scalar, optional), nargs="*" if is_list else None,
             choices=field.metadata.get("choices"), default=argparse.SUPPRESS,
             metavar={bool: "BOOL", dict: "JSON"}.get(scalar),
             help=f"{field.metadata.get('help', '')} (default: {default})",
@@ -138,7 +138,7 @@ def load_config_file(path: str | Path, cls: type, parser: argparse.ArgumentParse
             checked[key] = value
             continue
         items = value if isinstance(value, list) else [value]
-        if action.nargs != "+" and isinstance(value, list):
+        if action.nargs != "*" and isinstance(value, list):
             raise UserInputError(f"{path}: '{key}' takes one value, got a list {value!r}.")
         try:
             converted = [None if item is None else action.type(str(item)) for item in items]
@@ -147,7 +147,7 @@ def load_config_file(path: str | Path, cls: type, parser: argparse.ArgumentParse
         for item in converted:
             if action.choices is not None and item not in action.choices:
                 raise UserInputError(f"{path}: '{key}' must be one of {list(action.choices)}, got {item!r}.")
-        checked[key] = converted if action.nargs == "+" else converted[0]
+        checked[key] = converted if action.nargs == "*" else converted[0]
     return checked
 
 
