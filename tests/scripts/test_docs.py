@@ -19,7 +19,8 @@ written to):
   - `make TARGET`, as `make -n TARGET` (prints what it would run; installs nothing);
   - `DRY_RUN=1 bash slurm/...` in a copy of the repository, and `sbatch ...` under the fake Slurm of test_slurm.py
     with DRY_RUN=1; the command each node would run is then checked like a documented command;
-  - `python evaluate.py --plot RUN` (from a scratch folder holding RUN/metrics.jsonl, since no run exists here);
+  - `python evaluate.py --plot RUN` (from a scratch folder holding a copy of RUN/metrics.jsonl, or a stand-in when
+    the run does not exist here);
   - `python benchmarks/memory_sizing.py`, `python -m sdft_utils.rollout.vllm_server ... --print_command`.
 parsed only (these would train, download or evaluate for minutes to hours):
   - `python train_*.py ...`, `accelerate launch ...`, `torchrun ...`: the launcher's own parser (accelerate's,
@@ -541,12 +542,13 @@ def check_evaluate(command: Command, argv: list[str], cwd: Path) -> str:
     module = script_module("evaluate.py")
     only_plot = "--plot" in argv and "--model" not in argv
     if argv == ["--help"] or only_plot:
-        scratch = cwd
+        scratch = Path(os.environ["DOCS_SCRATCH"])  # the plot is written there, never into a run of the checkout
         if only_plot:
             run = argv[argv.index("--plot") + 1]
-            if not (cwd / run).exists():  # no run here: a stand-in with the metrics a short SDFT run logs
-                scratch = Path(os.environ["DOCS_SCRATCH"])
-                (scratch / run).mkdir(parents=True, exist_ok=True)
+            (scratch / run).mkdir(parents=True, exist_ok=True)
+            if (cwd / run / "metrics.jsonl").is_file():
+                shutil.copy(cwd / run / "metrics.jsonl", scratch / run / "metrics.jsonl")
+            else:  # no such run here: a stand-in with the metrics a short SDFT run logs
                 (scratch / run / "metrics.jsonl").write_text("".join(
                     json.dumps({"step": step, "loss": 1.0 / step, "kl": 0.5 / step, "learning_rate": 1e-4}) + "\n"
                     for step in range(1, 5)))
