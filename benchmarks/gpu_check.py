@@ -340,7 +340,7 @@ def megatron_worker(spec: dict) -> None:
     from sdft_utils.testing import QWEN2_0P4B
 
     cuda = torch.cuda.is_available()
-    if not cuda:  # --smoke on a CPU: megatron-core calls CUDA in two places (research/cpu_feasibility.md Q4)
+    if not cuda:  # --smoke on a CPU: megatron-core calls CUDA in two places (tests/megatron_cpu.py)
         from megatron.core.tensor_parallel import random as megatron_random
 
         torch.cuda.current_device = lambda: torch.device("cpu")

@@ -20,7 +20,7 @@ tracking slows every op.
 
     python benchmarks/step_throughput.py                  # tiny Llama, SDFT and SDPO, ~3 min on 2 CPU cores
     python benchmarks/step_throughput.py --model qwen2-0.4b --batch 8 --prompt_length 128 --completion_length 256
-                                                          # the gpu_anchor.md shape, on a GPU (gpu_check.sh runs it)
+                                                          # the H200 probe's shape (RESULTS.md), on a GPU (gpu_check.sh runs it)
 Needs `pip install -e '.[bench]'` (trl). Without trl only our side runs.
 """
 
@@ -365,8 +365,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=["sdft", "sdpo"], default=["sdft", "sdpo"])
     parser.add_argument("--model", default="tiny", help="tiny (2-layer Llama, 259 tokens), tiny-49k (the same with a "
-                                                       "49,152-token vocabulary), qwen2-0.4b (random, gpu_anchor.md "
-                                                       "shape) or a model folder")
+                                                       "49,152-token vocabulary), qwen2-0.4b (random, the shape of "
+                                                       "the H200 probe in RESULTS.md) or a model folder")
     parser.add_argument("--batch", type=int, default=4, help="prompts per step (SDPO: questions per step)")
     parser.add_argument("--generations", type=int, default=4, help="SDPO completions per question")
     parser.add_argument("--prompt_length", type=int, default=64, help="characters (= byte-level tokens) per prompt")

@@ -101,7 +101,7 @@ def download(builder: str, urls: dict[str, str], what: str, where: str) -> dict[
 
 
 def download_hub(hub_id: str, revision: str, split: str, what: str) -> list[dict]:
-    files = f"the .jsonl or .parquet files of {hub_id}, e.g. from `huggingface-cli download --repo-type dataset`"
+    files = f"the .jsonl or .parquet files of {hub_id}, e.g. from `hf download --repo-type dataset`"
     if offline():
         raise _no_download(what, f"the Hugging Face hub ({hub_id})",
                            "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; unset it to download)",

@@ -106,7 +106,7 @@ def save_tiny_model(path: str | Path, seed: int = 0, tie_word_embeddings: bool =
     return path
 
 
-# A Qwen2-shaped model of ~0.4B parameters, the shape of research/gpu_anchor.md (SmolLM2's 49,152-token vocabulary)
+# A Qwen2-shaped model of ~0.4B parameters, the shape of the H200 probe in benchmarks/RESULTS.md (SmolLM2's 49,152-token vocabulary)
 QWEN2_0P4B = dict(vocab_size=49_152, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
 

@@ -33,7 +33,7 @@ TRAIN_NODES=${#NODES[@]}
 if [[ -z "$MODEL" && -n "$CONFIG" ]]; then MODEL=$(field model "$CONFIG"); fi
 if [[ "$LAUNCHER" == torchrun && ! -d "$MODEL" ]]; then
     fail "MODEL=${MODEL:-(unset)}: --backend megatron reads a local Hugging Face folder; download it first, e.g." \
-         "\`huggingface-cli download Qwen/Qwen2.5-7B-Instruct --local-dir /shared/models/Qwen2.5-7B-Instruct\`," \
+         "\`hf download Qwen/Qwen2.5-7B-Instruct --local-dir /shared/models/Qwen2.5-7B-Instruct\`," \
          "and set MODEL to that folder"
 fi
 DATA=$DATASET

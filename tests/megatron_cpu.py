@@ -1,4 +1,4 @@
-"""Test-only setup for megatron-core on a CPU machine (research/cpu_feasibility.md Q4).
+"""Test-only setup for megatron-core on a CPU machine (tests/megatron/ and benchmarks/gpu_check.py --smoke).
 
 megatron-core 0.16 assumes CUDA in two places that a CPU run reaches: `torch.cuda.current_device()` (buffers in the
 parallel linears' communication helpers and in RoPE) and the CUDA RNG tracker. The shim below redirects the first

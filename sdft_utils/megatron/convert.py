@@ -1,6 +1,6 @@
 """Hugging Face Llama / Qwen2 / Qwen3 <-> megatron-core GPTModel (local layer spec): config and tensor-parallel shards.
 
-Our own converter (no Megatron-Bridge: it cannot share an environment with vLLM, research/infra.md §5). Layout of a
+Our own converter (no Megatron-Bridge: it cannot share an environment with vLLM 0.33). Layout of a
 megatron-core GPTModel built with `get_gpt_layer_local_spec` (names per decoder layer i):
 
   embedding.word_embeddings.weight            vocab rows split over TP ranks (after padding the vocabulary)
@@ -236,7 +236,7 @@ def safetensors_reader(path: str | Path) -> Callable[[str], Tensor]:
             file_of = dict.fromkeys(handle.keys(), path / "model.safetensors")
     else:
         raise UserInputError(f"--backend megatron loads safetensors weights from a local folder; '{path}' has no "
-                             "model.safetensors(.index.json). Download the model first (huggingface-cli download).")
+                             "model.safetensors(.index.json). Download the model first (hf download).")
 
     def read(name: str) -> Tensor:
         if name not in file_of:

@@ -2,7 +2,7 @@
 Face checkpoint, completion hidden states, gradient finalisation and clipping under TP x DP, and the gathered
 Hugging Face weights (weight sync to a vLLM server, saving).
 
-Parallel layout (research/infra.md §2.5): `torchrun` starts one process per GPU; TP groups are consecutive ranks
+Parallel layout: `torchrun` starts one process per GPU; TP groups are consecutive ranks
 (keep TP within a node), data parallelism runs across TP groups. Every rank of a TP group must see the same batch:
 shard data by `data_parallel_rank()`, not by the global rank. No pipeline or sequence parallelism, no Megatron DDP or
 distributed optimizer: a plain torch optimizer per rank over its shards, gradients averaged over the DP group here.

@@ -14,7 +14,7 @@ full-vocabulary row. Per token:
 Gradients come from a custom autograd function (no autograd through collectives): for the local log-probs the
 gradient g = dL/ds is elementwise (full: closed forms from `losses._logprob_grad`; topk/sampled: nonzero only on the
 owned support ids), and the log-softmax backward dz = (g − p_s·Σ_v g)/T needs one global row sum (all-reduce, or
-nothing in topk/sampled where g lives on the replicated support). This follows research/infra.md §2.4: the loss is
+nothing in topk/sampled where g lives on the replicated support). The loss is
 replicated on every TP rank and counted once; the only cross-rank gradient term is Σ_v g.
 
 Two entry points: `vocab_parallel_divergence_from_logits` on logits shards (N, V_local) (e.g. a GPTModel output;

@@ -1,6 +1,6 @@
 """Pick the rollout engine from the flags, so training scripts hold no per-backend code.
 
-`--rollout hf` samples with Hugging Face `generate` on the training model; `--rollout vllm` uses vLLM, either
+`--rollout hf` samples from the training model itself (`HFRollout`); `--rollout vllm` uses vLLM, either
 in-process (`--vllm_mode colocate`) or as a separate `vllm serve` process (`--vllm_mode server`, started with
 `python -m sdft_utils.rollout.vllm_server`). All three have `generate(prompt_ids, sampling)`, `sync_weights(model)`
 and `close()`, which the run's teardown calls after its last collective and before `accelerator.end_training()`: a

