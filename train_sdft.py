@@ -119,11 +119,13 @@ def main() -> None:
     dataset = load(call_format="hermes" if args.tool_format == "auto" else args.tool_format)
     tools = args.tool_environment is not None or any(example.tools or example.environment for example in dataset)
     eval_sets = {Path(path).stem: load_task_file(path) for path in args.eval_datasets}  # answers, or verifier rows
-    run = start_run(args, method="sdft", num_examples=len(dataset), tools=tools,
+    run = start_run(args, method="sdft", prompts=[example.prompt for example in dataset],
+                    tool_prompts=[tool_prompt(example) for example in dataset] if tools else None,
                     eval_metrics=[f"eval/{name}_accuracy" for name in eval_sets],
                     evaluate=make_evaluate(eval_sets, partial(success_rate, score=make_scorer(None)), "accuracy"))
     if tools and dataset[0].demonstration_messages is not None:
         dataset = load(call_format=run.tool_chat.call_format)  # trajectory demonstrations in this model's call syntax
+    dataset = [dataset[row] for row in run.kept_rows]  # all rows, unless --overlong_prompts drop left some out
     model, tokenizer = run.model, run.tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=args.num_generations,
@@ -139,8 +141,7 @@ def main() -> None:
         positions = process_positions(args.prompts_per_step, run.backend.world, run.backend.rank)
         examples = [dataset[i] for i in step_indices(step, len(dataset), args.prompts_per_step, args.seed, positions)]
         # tool rows: student and teacher see the same tools, and rollouts execute the calls
-        tool_prompts = [ToolPrompt(example.prompt, example.tools, example.environment, example.environment_state)
-                        for example in examples] if tools else None
+        tool_prompts = [tool_prompt(example) for example in examples] if tools else None
         student_prompts, student_truncated = run.render_prompts([example.prompt for example in examples],
                                                                 args.student_template_kwargs, tool_prompts)
         teacher_prompts, teacher_truncated = run.render_prompts([example.teacher_prompt for example in examples],
@@ -229,6 +230,10 @@ def main() -> None:
         }
         run.log_and_save(step, metrics, postfix={"loss": f"{metrics['loss']:.4f}", "kl": f"{metrics['kl']:.4f}"})
     run.finish()
+
+
+def tool_prompt(example) -> ToolPrompt:
+    return ToolPrompt(example.prompt, example.tools, example.environment, example.environment_state)
 
 
 if __name__ == "__main__":

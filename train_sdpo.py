@@ -108,6 +108,7 @@ class Args(SandboxConfig, RunArgs):
     normalize_advantage_std: bool = arg(False, "GRPO part: divide r - mean by the group std (off: Dr.GRPO)", "loss")
     mini_batches: int = arg(1, "optimizer steps per generation batch (1 = on-policy)", "optimization")
     max_prompt_length: int = override(DataArgs, "max_prompt_length", 2048)
+    overlong_prompts: str = override(DataArgs, "overlong_prompts", "drop")
     max_completion_length: int = override(RolloutArgs, "max_completion_length", 8192)
     num_generations: int = override(RolloutArgs, "num_generations", 8)
     alpha: float = override(LossArgs, "alpha", 0.5)
@@ -151,10 +152,12 @@ def main() -> None:
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,
                                      args.environment_feedback_only_without_solution)
-    run = start_run(args, method="sdpo", num_examples=len(tasks), mini_batches=args.mini_batches, tools=tools,
+    run = start_run(args, method="sdpo", prompts=[task.prompt for task in tasks], mini_batches=args.mini_batches,
+                    tool_prompts=[ToolPrompt.from_row(task.prompt, task.row) for task in tasks] if tools else None,
                     eval_metrics=[f"eval/{name}_success" for name in eval_sets],
                     evaluate=make_evaluate(eval_sets, partial(success_rate, score=score,
                                                               threshold=args.success_threshold), "success"))
+    tasks = [tasks[row] for row in run.kept_rows]  # the release drops over-long prompts (--overlong_prompts)
     model, tokenizer, group = run.model, run.tokenizer, args.num_generations
     sampling = SamplingConfig(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                               top_p=args.top_p, num_samples=group,

@@ -231,7 +231,11 @@ class DataArgs:
                                     "without --config or --model) the embedded default recipe runs", "data")
     dataset_split: str = arg("train", "split to use for folders with several splits and hub datasets", "data")
     prompt_column: str = arg("prompt", "column with the prompt (string or chat messages)", "data")
-    max_prompt_length: int = arg(1024, "prompts longer than this many tokens are cut from the left", "data")
+    max_prompt_length: int = arg(1024, "prompts longer than this many tokens are cut from the left (or dropped: "
+                                       "--overlong_prompts)", "data")
+    overlong_prompts: str = arg("truncate", "training prompts longer than --max_prompt_length: cut from the left "
+                                            "at each step, or drop those rows before training (the SDPO release's "
+                                            "filter)", "data", ["truncate", "drop"])
 
     def problems(self) -> list[str]:
         return _at_least_one(self, ("max_prompt_length",))

@@ -28,7 +28,7 @@ from transformers import get_scheduler
 
 from sdft_utils.assets import embedded_model_path
 from sdft_utils.data.prompts import tokenize_chat_prompts
-from sdft_utils.errors import TrainingStopped
+from sdft_utils.errors import TrainingStopped, UserInputError
 from sdft_utils.losses.divergence import DivergenceOptions
 from sdft_utils.losses.weighting import full_vocabulary_logprobs, gather_rows, scatter_rows, scored_index
 from sdft_utils.rollout.engines import compute_dtype, weight_sync_tolerance
@@ -60,6 +60,7 @@ class Run:
     tool_chat: ToolChat | None  # tool runs: how tools enter prompts and how calls are parsed; None without tools
     metrics_log: MetricsLog
     total_steps: int
+    kept_rows: list[int]  # the training rows the run uses (all, unless --overlong_prompts drop left some out)
     start_step: int = 0
     method: str = "train"
     best: BestCheckpoint | None = None
@@ -279,35 +280,38 @@ class Run:
                 print(f"plot: {plot}")
 
 
-def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: list[str],
-              evaluate: Evaluate | None = None, mini_batches: int = 1, tools: bool = False) -> Run:
-    """Set up a run whose data is already loaded and checked: `num_examples` training rows, `eval_metrics` the
-    names `evaluate` returns (the first picks the best checkpoint unless --eval_metric says otherwise); `tools`:
-    the rows call tools, so rollouts are multi-turn (`Run.generate`)."""
+def start_run(args: RunArgs, *, method: str, prompts: list[list[dict]], eval_metrics: list[str],
+              evaluate: Evaluate | None = None, mini_batches: int = 1,
+              tool_prompts: list[ToolPrompt] | None = None) -> Run:
+    """Set up a run whose data is already loaded and checked. `prompts`: the student prompt of every training row;
+    `tool_prompts` (a tool run: rollouts are multi-turn, `Run.generate`): the same rows with their tools;
+    `eval_metrics`: the names `evaluate` returns (the first picks the best checkpoint unless --eval_metric says
+    otherwise). With --overlong_prompts drop, `Run.kept_rows` lists the rows that fit; train on those."""
     resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
     best_metric = choose_eval_metric(args.eval_metric, eval_metrics, args.eval_every)
     backend = make_backend(args, mini_batches)  # processes, accelerator; a bad launch config stops here
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-        args.num_train_epochs * num_examples / args.prompts_per_step)
     set_seed(args.seed)
 
     model_path = args.model or str(embedded_model_path())
     tokenizer = load_tokenizer(model_path)
     args.check_template(tokenizer)  # --chat_template_kwargs names only variables this model's template reads
     model, teacher, eos_token_ids = backend.load_models(model_path, tokenizer)
+    tool_chat = ToolChat.from_tokenizer(tokenizer, eos_token_ids, args.tool_template, args.tool_format) \
+        if tool_prompts is not None else None
+    kept_rows = rows_that_fit(args, tokenizer, tool_chat, prompts, tool_prompts)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+        args.num_train_epochs * len(kept_rows) / args.prompts_per_step)
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     # stepped once per step (generation batch), as the SDPO release does with several mini-batches
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup(total_steps),
                               num_training_steps=total_steps)
     model, teacher, optimizer = backend.prepare(model, teacher, optimizer, scheduler)
     rollout = backend.rollout_engine(model, tokenizer, model_path, eos_token_ids)
-    tool_chat = ToolChat.from_tokenizer(tokenizer, eos_token_ids, args.tool_template, args.tool_format) \
-        if tools else None
 
     run = Run(args=args, backend=backend, tokenizer=tokenizer, model=model, teacher=teacher, optimizer=optimizer,
               scheduler=scheduler, rollout=rollout, tool_chat=tool_chat, metrics_log=None, total_steps=total_steps,
-              method=method,
-              best=BestCheckpoint(best_metric) if best_metric else None, evaluate=evaluate)
+              kept_rows=kept_rows, method=method, best=BestCheckpoint(best_metric) if best_metric else None,
+              evaluate=evaluate)
     if resume_path is not None:
         progress = backend.load(resume_path, model, teacher, optimizer, scheduler)
         run.start_step, run.last_checkpoint = progress["step"], resume_path
@@ -328,6 +332,27 @@ def start_run(args: RunArgs, *, method: str, num_examples: int, eval_metrics: li
         if run.before:
             run.metrics_log.log(run.before, 0)
     return run
+
+
+def rows_that_fit(args: RunArgs, tokenizer, tool_chat: ToolChat | None, prompts: list[list[dict]],
+                  tool_prompts: list[ToolPrompt] | None) -> list[int]:
+    """The rows to train on: all of them (--overlong_prompts truncate: long prompts are cut from the left at each
+    step), or those whose rendered prompt fits --max_prompt_length (drop: the SDPO release's filter)."""
+    if args.overlong_prompts == "truncate":
+        return list(range(len(prompts)))
+    if tool_prompts is None:
+        ids, _ = tokenize_chat_prompts(tokenizer, prompts, 1 << 30, args.student_template_kwargs)
+    else:
+        ids, _ = render_tool_prompts(tool_chat, tool_prompts, args, 1 << 30, prompts)
+    kept = [row for row, prompt_ids in enumerate(ids) if len(prompt_ids) <= args.max_prompt_length]
+    if not kept:
+        raise UserInputError(f"--overlong_prompts drop: every one of the {len(prompts)} training prompts is longer "
+                             f"than --max_prompt_length {args.max_prompt_length} tokens (the shortest has "
+                             f"{min(map(len, ids))}). Raise --max_prompt_length or use --overlong_prompts truncate.")
+    if len(kept) < len(prompts):
+        print(f"note: --overlong_prompts drop: {len(prompts) - len(kept)} of {len(prompts)} training prompts are longer "
+              f"than --max_prompt_length {args.max_prompt_length} tokens and are left out")
+    return kept
 
 
 def make_evaluate(eval_sets: dict[str, list], score_set: Callable[..., float], metric: str) -> Evaluate:

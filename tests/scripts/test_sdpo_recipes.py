@@ -19,6 +19,7 @@ def test_section_3_recipe():
     assert (args.alpha, args.divergence_mode, args.top_k, args.teacher_update_rate) == (0.5, "topk", 100, 0.05)
     assert (args.learning_rate, args.mini_batches, args.prompts_per_step, args.num_generations) == (1e-5, 1, 32, 8)
     assert (args.include_environment_feedback, args.warmup_steps) == (False, 10)
+    assert (args.eval_temperature, args.eval_top_p, args.eval_samples) == (0.6, 0.95, 16)  # the release's avg@16
 
 
 def test_section_4_rich_feedback_recipe():
@@ -26,6 +27,7 @@ def test_section_4_rich_feedback_recipe():
     assert (args.alpha, args.top_k, args.teacher_update_rate, args.learning_rate) == (1.0, 20, 0.01, 1e-6)
     assert args.prompts_per_step // args.mini_batches == 1  # a mini-batch of one question
     assert (args.verifier, args.include_environment_feedback, args.warmup_steps) == ("code", True, 0)
+    assert (args.eval_temperature, args.eval_top_p, args.eval_samples) == (0.6, 0.95, 4)  # avg@4 in Section 4
 
 
 def test_embedded_recipe_points_at_bundled_files():
@@ -44,4 +46,5 @@ def test_defaults_are_the_releases():
     assert (args.dont_reprompt_on_self_success, args.remove_thinking_from_demonstration,
             args.environment_feedback_only_without_solution) == (True, True, True)
     assert (args.max_reprompt_length, args.reprompt_truncation) == (10240, "right")
+    assert args.overlong_prompts == "drop"  # verl's filter_overlong_prompts, on in the release
 

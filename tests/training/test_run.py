@@ -162,3 +162,14 @@ def test_progress_of_a_checkpoint_records_the_nonfinite_counters(tmp_path, tiny_
     progress = json.loads((out / "checkpoint-1" / "progress.json").read_text())
     assert progress["nonfinite_in_a_row"] == 0 and progress["nonfinite_steps"] == 0
     assert read_metrics(out)[0]["nonfinite_steps"] == 0
+
+
+def test_overlong_prompts_are_dropped_before_training_or_kept_for_truncation(tokenizer):
+    from sdft_utils.training.run import rows_that_fit
+
+    prompts = [[{"role": "user", "content": "x" * length}] for length in (5, 200, 10, 300)]
+    drop = RunArgs(max_prompt_length=64, overlong_prompts="drop")
+    assert rows_that_fit(drop, tokenizer, None, prompts, None) == [0, 2]  # byte-level: ~1 token per character
+    assert rows_that_fit(RunArgs(max_prompt_length=64), tokenizer, None, prompts, None) == [0, 1, 2, 3]
+    with pytest.raises(UserInputError, match="every one of the 2 training prompts is longer"):
+        rows_that_fit(drop, tokenizer, None, prompts[1::2], None)
