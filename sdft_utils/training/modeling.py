@@ -133,8 +133,11 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform, num_token
                                         None if bias is None else bias.float()))
     # a 16-bit head rounds its output to a few significant digits; float32 agrees to rounding noise
     relative = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
-    difference = (logits - expected).abs().max().item()
-    if not difference <= relative * max(1.0, expected.abs().max().item()):
+    finite = torch.isfinite(logits) & torch.isfinite(expected)
+    if not finite.any():  # non-finite weights: nothing to compare; training skips such steps and says so
+        return 0.0
+    difference = (logits - expected)[finite].abs().max().item()
+    if not difference <= relative * max(1.0, expected[finite].abs().max().item()):
         model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise UserInputError(
             f"the model's logits differ from its output head applied to its hidden states (largest difference "

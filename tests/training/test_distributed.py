@@ -186,3 +186,23 @@ def test_killed_run_resumes_exactly(workdir, references):
     assert_close(model_weights(out / final), model_weights(reference / final), "student")
     expected_teacher = torch.load(reference / final / "teacher" / "rank0.pt", weights_only=True)
     assert_close(teacher_weights(out / final, "zero3", expected_teacher), expected_teacher, "teacher")
+
+
+def test_two_processes_skip_nonfinite_steps_together_and_stop_without_saving(tmp_path, tiny_model_dir):
+    """One process's NaN is every process's NaN: the gradient all-reduce spreads it, and the skip decision is
+    reduced too, so both skip the same steps and stop together (exit 1, no checkpoint)."""
+    import shutil
+
+    from tests.training.test_run import poison_head
+
+    model_dir = tmp_path / "nan_model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    poison_head(model_dir)
+    out = tmp_path / "out"
+    result = subprocess.run(launch_command("train_sdft.py", "multi_gpu", *sdft_flags(model_dir, tmp_path),
+                                           "--output_dir", out, "--max_steps", 5, "--max_nonfinite_steps", 2, "--save_steps", 100),
+                            cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode != 0 and result.stderr.count("2 steps in a row had a non-finite loss") == 2
+    assert 'train_sdft.py", line' not in result.stderr  # each process stops with a message, not a traceback
+    assert not list(out.glob("checkpoint-*"))
+    assert [json.loads(line)["nonfinite_steps"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
