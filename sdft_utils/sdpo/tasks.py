@@ -18,7 +18,7 @@ from sdft_utils.data.prompts import to_messages, tokenize_chat_prompts
 from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import SamplingConfig
-from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier
+from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier, verifiers_for
 
 MAX_LISTED_ROWS = 5
 
@@ -116,10 +116,14 @@ def load_sdpo_tasks(source: str, prompt_column: str = "prompt", verifier: str = 
     return tasks
 
 
-def make_scorer(reward_fn: Verifier | None) -> Callable[[Task, str], Verdict]:
-    """(task, completion) -> Verdict, dispatching on the task's verifier."""
+def make_scorer(reward_fn: Verifier | None, lenient: bool = False) -> Callable[[Task, str], Verdict]:
+    """(task, completion) -> Verdict, dispatching on the task's verifier. `lenient` (the `--lenient_grading`
+    flag, off by default) swaps the release's math and multiple-choice rules for the forgiving ones; it does not
+    touch a `--reward_fn`."""
+    built_in = verifiers_for(lenient)
+
     def score(task: Task, completion: str) -> Verdict:
-        verify = reward_fn if task.verifier == "reward_fn" else VERIFIERS[task.verifier]
+        verify = reward_fn if task.verifier == "reward_fn" else built_in[task.verifier]
         return verify(completion, task.row)
 
     return score
