@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from sweeps import as_flags, run_logged, write_marked_block  # noqa: E402
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
@@ -80,8 +81,6 @@ PRIOR_FILES = [str(DATA / "known.jsonl")]
 PRIOR_BENCHMARKS = ["arc_easy", "sciq"]
 EVAL_FLAGS = {"limit": 40, "max_new_tokens": 24, "mcq_scoring": "loglikelihood", "seed": 0}
 METHODS = ["sdft", "sft"]
-MARKERS = ("<!-- forgetting_frontier: begin (written by benchmarks/forgetting_frontier.py) -->",
-           "<!-- forgetting_frontier: end -->")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,8 +104,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def as_flags(values: dict) -> list[str]:
-    return [text for name, value in values.items() for text in (f"--{name}", str(value))]
 
 
 def run_name(method: str, learning_rate: float, seed: int) -> str:
@@ -135,19 +132,6 @@ def eval_command(model_dir: Path, out_dir: Path, smoke: bool) -> list[str]:
             "--tasks", *NEW_TASK_FILES, *PRIOR_BENCHMARKS, "--prior_files", *PRIOR_FILES, *as_flags(flags)]
 
 
-def run_logged(command: list[str], log: Path) -> float:
-    """Run one subprocess on one thread, offline, its output in `log`; return its CPU seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRL_EXPERIMENTAL_SILENCE": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    before = os.times()
-    with log.open("w") as handle:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    after = os.times()
-    if done.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"exit {done.returncode}: {' '.join(command[:3])} ...; log {log}:\n{tail}")
-    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
 
 def evaluate_run(method: str, learning_rate: float, seed: int, args: argparse.Namespace, output_dir: Path) -> dict:
@@ -283,17 +267,6 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_results(md_path: Path, block: str) -> None:
-    """Replace the block between the markers (or append a new section with them)."""
-    text = md_path.read_text() if md_path.exists() else ""
-    begin, end = MARKERS
-    content = f"{begin}\n{block}{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + content + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n## The forgetting frontier: SDFT against SFT (`benchmarks/forgetting_frontier.py`)\n\n" \
-            + content + "\n"
-    md_path.write_text(text)
 
 
 def smoke_model(directory: Path) -> str:
@@ -341,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"of training and evaluation on one thread. Seed means, the seeds' range in brackets; prior = mean "
                  f"of {', '.join([Path(p).stem for p in PRIOR_FILES] + PRIOR_BENCHMARKS)}.\n\n{table}\n"
                  f"![forgetting frontier]({os.path.relpath(png.resolve(), Path(args.results_md).resolve().parent)})\n")
-        write_results(Path(args.results_md), block)
+        write_marked_block(Path(args.results_md), "forgetting_frontier",
+                           "The forgetting frontier: SDFT against SFT (`benchmarks/forgetting_frontier.py`)", block)
         print(f"table written to {args.results_md}")
     if args.smoke:
         shutil.rmtree(output_dir, ignore_errors=True)
