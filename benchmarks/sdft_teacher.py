@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> None:
     from sdft_utils.assets import embedded_model_path
     from sdft_utils.data.prompts import build_teacher_messages, to_messages
     from sdft_utils.data.tables import load_rows
-    from sdft_utils.evaluation.report import eos_token_ids
     from sdft_utils.rollout.hf import HFRollout
     from sdft_utils.rollout.sampling import SamplingConfig
     from sdft_utils.training.modeling import load_model, load_tokenizer
@@ -78,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.process_time()
     model_path = str(args.model or embedded_model_path())
     tokenizer, model = load_tokenizer(model_path), load_model(model_path, torch.float32).eval()
-    eos = eos_token_ids(model_path, tokenizer)
+    configured = model.generation_config.eos_token_id  # chat models stop on several ids
+    eos = sorted({tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None})
     rollout = HFRollout(model, tokenizer.pad_token_id, eos)
     rows = load_rows(args.dataset)
     answers = [row["answers"] for row in rows]

@@ -11,7 +11,7 @@ seeded per-epoch shuffles of its own), so each row is seen as often but not at t
     python benchmarks/sft_trl.py --learning_rate 3e-5 --output_dir outputs/sft_trl   # ~1 min on one CPU thread
 
 Writes the trained model and tokenizer to OUTPUT_DIR/final (a folder `evaluate.py --model` reads) and TRL's log
-history to OUTPUT_DIR/log_history.json. Needs `pip install -r requirements-bench.txt` (trl).
+history to OUTPUT_DIR/log_history.json. Needs trl==1.16.0 (the `bench` extra).
 """
 
 from __future__ import annotations
