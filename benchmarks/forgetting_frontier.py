@@ -81,13 +81,25 @@ PRIOR_FILES = [str(DATA / "known.jsonl")]
 PRIOR_BENCHMARKS = ["arc_easy", "sciq"]
 EVAL_FLAGS = {"limit": 40, "max_new_tokens": 24, "mcq_scoring": "loglikelihood", "seed": 0}
 METHODS = ["sdft", "sft"]
+# SDFT with one setting changed, to find out why SDFT does what it does at this size ("sdft+NAME" in --methods).
+# None removes the flag (the script's default applies: for teacher_template, the authors' template).
+SDFT_VARIANTS = {
+    "authors_template": {"teacher_template": None},  # "... including the thinking process."
+    "temperature_0.7": {"temperature": 0.7},
+    "completion_32": {"max_completion_length": 32},
+    "ema_0.1": {"ema_rate": 0.1},
+    "frozen_teacher": {"teacher_kind": "frozen"},
+    "generations_4": {"num_generations": 4, "prompts_per_step": 1},  # 4 samples of 1 prompt: the same compute
+}
+VARIANT_METHODS = [f"sdft+{name}" for name in SDFT_VARIANTS]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/forgetting_frontier",
                         help="one folder per run, the PNG and frontier.json")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + VARIANT_METHODS,
+                        help="sdft, sft, or sdft+VARIANT: SDFT with one setting changed (SDFT_VARIANTS)")
     parser.add_argument("--learning_rates", nargs="+", type=float, default=LEARNING_RATES,
                         help="the same grid for both methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="compare means over seeds")
@@ -114,8 +126,10 @@ def train_command(method: str, learning_rate: float, seed: int, run_dir: Path, m
                   smoke: bool) -> tuple[list[str], Path]:
     """The training subprocess and the model folder it leaves behind."""
     common = {"learning_rate": learning_rate, "seed": seed, **({"model": model} if model else {})}
-    if method == "sdft":
-        flags = {**SDFT_FLAGS, **common, "output_dir": run_dir / "train"}
+    if method.startswith("sdft"):
+        flags = {**SDFT_FLAGS, **SDFT_VARIANTS.get(method.partition("+")[2], {}), **common,
+                 "output_dir": run_dir / "train"}
+        flags = {name: value for name, value in flags.items() if value is not None}
         if smoke:
             flags.update(max_steps=1, prompts_per_step=2, per_device_batch_size=2, max_completion_length=4)
         return [sys.executable, str(ROOT / "train_sdft.py"), *as_flags(flags)], \
@@ -238,20 +252,24 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 5))
-    colours = {"sdft": "tab:blue", "sft": "tab:orange"}
-    labels = {"sdft": "SDFT (train_sdft.py)", "sft": "SFT (TRL SFTTrainer)"}
-    for method in [m for m in METHODS if any(row["method"] == m for row in rows)]:
+    colours = {"sdft": "tab:blue", "sft": "tab:orange",
+               **{method: plt.get_cmap("tab10")(2 + i) for i, method in enumerate(VARIANT_METHODS)}}
+    labels = {"sdft": "SDFT (train_sdft.py)", "sft": "SFT (TRL SFTTrainer)",
+              **{method: "SDFT, " + method.partition("+")[2].replace("_", " ") for method in VARIANT_METHODS}}
+    for method in [m for m in METHODS + VARIANT_METHODS if any(row["method"] == m for row in rows)]:
         mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["learning_rate"])
         xs, ys = [row["new_task"] for row in mine], [row["prior"] for row in mine]
         xerr = [[x - row["new_task_range"][0] for x, row in zip(xs, mine, strict=True)],
                 [row["new_task_range"][1] - x for x, row in zip(xs, mine, strict=True)]]
         yerr = [[y - row["prior_range"][0] for y, row in zip(ys, mine, strict=True)],
                 [row["prior_range"][1] - y for y, row in zip(ys, mine, strict=True)]]
-        axes.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", color=colours[method], label=labels[method],
-                      capsize=3)
+        variant = method not in METHODS  # variants: squares, thinner, so the two frontiers stay readable
+        axes.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="s" if variant else "o", color=colours[method],
+                      label=labels[method], capsize=3, linewidth=0.8 if variant else 1.5,
+                      markersize=5 if variant else 6)
         for x, y, row in zip(xs, ys, mine, strict=True):
             axes.annotate(f"{row['learning_rate']:g}", (x, y), textcoords="offset points", xytext=(5, 5),
-                          fontsize=8, color=colours[method])
+                          fontsize=7, color=colours[method])
         runs = [record for record in records if record["method"] == method]
         axes.scatter([new_task(r["accuracy"]) for r in runs], [prior(r["accuracy"]) for r in runs],
                      color=colours[method], alpha=0.25, s=14)
@@ -261,12 +279,10 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
     axes.set_ylabel("prior capabilities: mean accuracy\n(known questions, ARC-Easy, SciQ)")
     axes.set_title("Forgetting frontier, SmolLM2-135M-Instruct (labels: learning rate)")
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower left")
+    axes.legend(loc="lower left", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
 
 
 def smoke_model(directory: Path) -> str:
@@ -295,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                 records.append(record)
                 print(f"{run_name(method, learning_rate, seed)}: new task {new_task(record['accuracy']):.3f}, "
                       f"prior {prior(record['accuracy']):.3f} (train {record['train_cpu_s']:.0f} CPU s)", flush=True)
+    # the summary covers every run recorded in the folder, so runs added later (variants, seeds) join the table
+    records = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/record.json"))
+               if path.parent.name != "base"]
     rows = summarize(records)
     table = markdown(rows, base)
     png = output_dir / "frontier.png"

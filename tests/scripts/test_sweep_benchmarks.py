@@ -31,6 +31,24 @@ def test_frontier_means_over_seeds_and_their_range():
     assert "| sft | 0.0001 | 2 | 0.600 (0.500-0.700) | 0.550 (0.500-0.600) |" in table
 
 
+def test_frontier_plot_draws_methods_and_variants(tmp_path):
+    records = [frontier_record("sft", 1e-4, 42, 0.5, 0.9, 0.6, 0.3), frontier_record("sdft", 1e-4, 42, 0.2, 1.0, 0.5, 0.5),
+               frontier_record("sdft", 3e-4, 42, 0.4, 0.8, 0.5, 0.5),
+               frontier_record("sdft+temperature_0.7", 1e-4, 42, 0.3, 0.9, 0.5, 0.5)]
+    base = {"accuracy": {"heldout": 0.0, "known": 1.0, "arc_easy": 0.6, "sciq": 0.5}}
+    forgetting_frontier.plot(forgetting_frontier.summarize(records), records, base, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_sdft_variants_change_one_setting(tmp_path):
+    command, model_dir = forgetting_frontier.train_command("sdft+authors_template", 1e-4, 7, tmp_path, None, False)
+    assert "--teacher_template" not in command  # removed: the script's default, the authors' template
+    assert command[command.index("--learning_rate") + 1] == "0.0001" and model_dir.name == "checkpoint-32"
+    command, _ = forgetting_frontier.train_command("sdft+generations_4", 1e-4, 7, tmp_path, None, False)
+    assert command[command.index("--num_generations") + 1] == "4"
+    assert command[command.index("--prompts_per_step") + 1] == "1"
+
+
 def test_lambda_summary_averages_steps_over_seeds():
     def record(seed, avg, success, teacher):
         return {"grpo_lambda": 0.9, "seed": seed, "heldout": {"avg": avg, "pass": avg}, "train_cpu_s": 5.0,
@@ -41,6 +59,17 @@ def test_lambda_summary_averages_steps_over_seeds():
     assert row["success_by_step"] == pytest.approx([0.2, 0.4]) and row["teacher_by_step"] == pytest.approx([0.1, 0.3])
     table = sdpo_lambda.markdown([row], {"heldout": {"avg": 0.25, "pass": 0.5}})
     assert "| 0.9 | hybrid | 2 | 0.600 (0.500-0.700) | 0.600 | 0.200 -> 0.400 | 0.200 | 6.0 | 5 |" in table
+
+
+def test_lambda_plot_has_its_three_panels(tmp_path):
+    def record(grpo_lambda, seed, avg):
+        return {"grpo_lambda": grpo_lambda, "seed": seed, "heldout": {"avg": avg, "pass": avg}, "train_cpu_s": 5.0,
+                "eval_cpu_s": 1.0, "steps": {"success": [0.1, 0.2], "teacher": [0.3, 0.4], "completion_length": [4, 5]}}
+
+    records = [record(0.0, 42, 0.2), record(0.9, 42, 0.6), record(0.9, 7, 0.5)]
+    sdpo_lambda.plot(sdpo_lambda.summarize(records), records, {"heldout": {"avg": 0.3, "pass": 0.5}},
+                     tmp_path / "lambda.png")
+    assert (tmp_path / "lambda.png").stat().st_size > 10_000
 
 
 def test_results_block_is_replaced_between_its_markers_only(tmp_path):
