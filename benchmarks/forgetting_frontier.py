@@ -85,11 +85,13 @@ METHODS = ["sdft", "sft"]
 # None removes the flag (the script's default applies: for teacher_template, the authors' template).
 SDFT_VARIANTS = {
     "authors_template": {"teacher_template": None},  # "... including the thinking process."
+    "fact_first_template": {"teacher_template": "{demonstration}\n\n{prompt}"},  # no instruction to copy a style from
     "temperature_0.7": {"temperature": 0.7},
     "completion_32": {"max_completion_length": 32},
     "ema_0.1": {"ema_rate": 0.1},
     "frozen_teacher": {"teacher_kind": "frozen"},
     "generations_4": {"num_generations": 4, "prompts_per_step": 1},  # 4 samples of 1 prompt: the same compute
+    "steps_96": {"max_steps": 96},  # 3x the steps: 24 on-policy samples of each fact
 }
 VARIANT_METHODS = [f"sdft+{name}" for name in SDFT_VARIANTS]
 
