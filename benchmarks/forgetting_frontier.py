@@ -86,7 +86,8 @@ METHODS = ["sdft", "sft"]
 SDFT_VARIANTS = {
     "authors_template": {"teacher_template": None},  # "... including the thinking process."
     "fact_first_template": {"teacher_template": "{demonstration}\n\n{prompt}"},  # no instruction to copy a style from
-    "temperature_0.7": {"temperature": 0.7},
+    "temperature_0.7": {"temperature": 0.7},  # sampling and the loss's logits (the teacher's target sharpens)
+    "temperature_0.5": {"temperature": 0.5},
     "completion_32": {"max_completion_length": 32},
     "ema_0.1": {"ema_rate": 0.1},
     "frozen_teacher": {"teacher_kind": "frozen"},
