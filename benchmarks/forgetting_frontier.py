@@ -282,7 +282,7 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
     axes.set_ylabel("prior capabilities: mean accuracy\n(known questions, ARC-Easy, SciQ)")
     axes.set_title("Forgetting frontier, SmolLM2-135M-Instruct (labels: learning rate)")
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower left", fontsize=8)
+    axes.legend(loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
