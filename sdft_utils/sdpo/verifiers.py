@@ -2,15 +2,22 @@
 
 Every verifier is `fn(completion: str, row: dict) -> Verdict(score, feedback)`. The score is the reward (1.0 or
 0.0 for the built-in ones); the feedback is the environment's text that SDPO may put in the teacher's reprompt
-("" = nothing to say). Built-in verifiers (the release's, lasgroup/SDPO `reward_score/feedback`):
-- `math`: the last \\boxed{...} of the completion, else its last number, checked against `answer` with
-  math-verify (exact string match first);
-- `mcq`: the answer letter (`<answer>X</answer>`, else the last standalone capital letter among the choices)
-  against `answer`;
+("" = nothing to say). Built-in verifiers, by default exactly as strict as the release's (lasgroup/SDPO
+`reward_score/feedback`), because the grader decides which rollouts are successes and so which demonstrations
+the teacher sees:
+- `math`: the last \\boxed{...} that lies within the completion's final 100 characters, checked against `answer`
+  by exact string match, then math-verify equivalence; no box there is a wrong answer with the release's format
+  feedback;
+- `mcq`: the text between the last `<answer>` and the following `</answer>` (the whole completion when it has no
+  tag), stripped, must equal the answer letter exactly; no feedback (the release gives none);
 - `code`: the completion's longest ```python block run on `tests` in the sandbox (`sandbox.py`); LeetCode-style
   feedback, with what the program printed quoted in fences it cannot close; a block cut off by the token limit
   gets the release's "Truncated Attempt" feedback;
 - `tool`: `Action:` / `Action Input:` pairs compared with the expected calls in `answer`.
+Lenient grading (`lenient=True` in `verifiers_for` / `make_scorer`; the `--lenient_grading` flag) is this
+project's older, more forgiving reading for math and multiple choice, for models that do not write the release's
+format: math takes the last \\boxed{} anywhere, else the last number; multiple choice takes `<answer>X</answer>`
+or `<answer>(X)</answer>`, else the last standalone option letter. Code and tool verifiers have one rule.
 `--reward_fn module:function` plugs in any function with the same signature (returning a Verdict, a
 (score, feedback) pair, a dict with `score` and `feedback`, or a bare number).
 """
@@ -27,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdft_utils.cli import arg
 from sdft_utils.errors import UserInputError
 from sdft_utils.sdpo.sandbox import SandboxConfig, SandboxLimits, SandboxUnavailable, run_python
 
@@ -45,14 +53,17 @@ Verifier = Callable[[str, dict], Verdict]
 
 
 # ---------------------------------------------------------------------------------------------------- math
+MATH_TAIL_CHARS = 100  # the release looks for the box only in the completion's last 100 characters
+MATH_FORMAT_FEEDBACK = "Your answer had the wrong format. The solution must be given in the format: \\boxed{your_answer}."
+LENIENT_MATH_FEEDBACK = "Your answer has no final answer: put it in \\boxed{...} or end with the number."
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (balanced braces), or None."""
-    start = text.rfind("\\boxed")
+    start = text.rfind("\\boxed{")
     if start < 0:
         return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
+    brace = start + len("\\boxed")
     depth = 0
     for position in range(brace, len(text)):
         depth += {"{": 1, "}": -1}.get(text[position], 0)
@@ -64,7 +75,12 @@ def last_boxed(text: str) -> str | None:
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
-def extract_math_answer(text: str) -> str | None:
+def extract_math_answer(text: str, lenient: bool = False) -> str | None:
+    """The release's rule: the last box within the final 100 characters (None without one). Lenient: the last box
+    anywhere, else the last number (commas and a trailing period dropped)."""
+    if not lenient:
+        boxed = last_boxed(text[-MATH_TAIL_CHARS:])
+        return None if boxed is None else boxed.strip()
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
@@ -96,14 +112,31 @@ def _main_thread() -> bool:
 
 
 def verify_math(completion: str, row: dict) -> Verdict:
+    """The release's math rule (see the module docstring)."""
     predicted = extract_math_answer(completion)
+    if not predicted:  # the release counts an empty box as a format error too
+        return Verdict(0.0, MATH_FORMAT_FEEDBACK)
+    return Verdict(float(math_equal(predicted, str(row["answer"]))), "")
+
+
+def verify_math_lenient(completion: str, row: dict) -> Verdict:
+    """The last box anywhere, else the last number."""
+    predicted = extract_math_answer(completion, lenient=True)
     if predicted is None:
-        return Verdict(0.0, "Your answer has no final answer: put it in \\boxed{...} or end with the number.")
+        return Verdict(0.0, LENIENT_MATH_FEEDBACK)
     return Verdict(float(math_equal(predicted, str(row["answer"]))), "")
 
 
 # ---------------------------------------------------------------------------------------------------- multiple choice
+def tagged_answer(text: str) -> str:
+    """The release's rule: what follows the last `<answer>` up to the next `</answer>`, stripped; the whole text
+    when there is no tag (so a bare "B" counts, and "The answer is B" does not)."""
+    return text.split("<answer>")[-1].split("</answer>")[0].strip()
+
+
 def extract_choice(text: str, letters: str) -> str | None:
+    """Lenient: the letter in `<answer>X</answer>` or `<answer>(X)</answer>`, else the last standalone capital
+    letter among `letters`."""
     tagged = re.findall(r"<answer>\s*\(?([A-Z])\)?\s*</answer>", text)
     if tagged:
         return tagged[-1]
@@ -112,6 +145,11 @@ def extract_choice(text: str, letters: str) -> str | None:
 
 
 def verify_mcq(completion: str, row: dict) -> Verdict:
+    """The release's multiple-choice rule: the tagged text must be the answer letter, exactly; no feedback."""
+    return Verdict(float(tagged_answer(completion) == str(row["answer"]).strip().upper()), "")
+
+
+def verify_mcq_lenient(completion: str, row: dict) -> Verdict:
     choices = row.get("choices") or []
     letters = "".join(chr(ord("A") + i) for i in range(len(choices))) if choices else "ABCDEFGHIJ"
     predicted = extract_choice(completion, letters)
@@ -311,9 +349,26 @@ def verify_contains(completion: str, row: dict) -> Verdict:
 
 VERIFIERS: dict[str, Verifier] = {"math": verify_math, "mcq": verify_mcq, "code": verify_code, "tool": verify_tool,
                                   "contains": verify_contains}
+# the older, forgiving rules for math and multiple choice; code, tool calls and `contains` have one rule
+LENIENT_VERIFIERS: dict[str, Verifier] = {**VERIFIERS, "math": verify_math_lenient, "mcq": verify_mcq_lenient}
 # Columns each verifier reads, beside the prompt (checked before any model loads).
 REQUIRED_COLUMNS = {"math": ("answer",), "mcq": ("answer",), "code": ("tests",), "tool": ("answer",),
                     "contains": ("answers",)}
+
+
+@dataclass
+class GradingConfig:
+    """The training scripts' grading flag. Nothing in it can be invalid, so it has no check()."""
+    lenient_grading: bool = arg(False, "grade math and multiple choice leniently: math takes the last \\boxed{} "
+                                       "anywhere, else the last number; multiple choice takes <answer>X</answer> or "
+                                       "(X), else the last option letter. Off (default): the release's rules, the "
+                                       "last \\boxed{} within the final 100 characters and the text between the last "
+                                       "<answer> and </answer>, exactly", "data")
+
+
+def verifiers_for(lenient: bool = False) -> dict[str, Verifier]:
+    """The built-in verifiers by name: the release's rules, or the lenient ones for math and multiple choice."""
+    return LENIENT_VERIFIERS if lenient else VERIFIERS
 
 
 def as_verdict(value) -> Verdict:

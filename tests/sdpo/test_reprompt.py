@@ -4,10 +4,12 @@ import pytest
 
 from sdft_utils.sdpo.reprompt import (
     FEEDBACK_TEMPLATE,
+    REPROMPT_TEMPLATE,
     SOLUTION_TEMPLATE,
     RepromptConfig,
     build_reprompts,
     reprompt_messages,
+    strip_thinking,
     tokenize_reprompts,
 )
 
@@ -87,16 +89,37 @@ def test_thinking_is_stripped_from_the_demonstration():
     assert kept[0].solution == "<think>m</think>4"
 
 
+def test_thinking_removal_is_the_release_pattern_and_trims_nothing_else():
+    # r"<think>.*?</think>\s*": each block and the whitespace after it, across lines; other whitespace stays
+    assert strip_thinking("  <think>a\nb</think>\n\n4 <think>c</think> end\n") == "  4 end\n"
+    assert strip_thinking("no thinking here ") == "no thinking here "
+
+
+def test_whitespace_only_feedback_is_no_feedback():
+    reprompts, stats = build([0, 0, 0], feedbacks=["  \n\t", "", "real error"])
+    assert [r.feedback for r in reprompts] == [None, None, "real error"]
+    assert [r.used for r in reprompts] == [False, False, True]
+    assert stats["feedback_available_fraction"] == pytest.approx(1 / 3)
+
+
+def test_template_text_is_what_the_release_ran():
+    # actor.yaml's `|-` block strings: no trailing newline on any of the three
+    assert REPROMPT_TEMPLATE == "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+    assert SOLUTION_TEMPLATE == "\nCorrect solution:\n\n{successful_previous_attempt}"
+    assert FEEDBACK_TEMPLATE == "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+
+
 def test_template_text_and_system_messages_are_kept():
     messages = reprompt_messages(QUESTION, "The answer is 4.", None)
     assert messages[0] == QUESTION[0]
-    expected = ("What is 2+2?" + SOLUTION_TEMPLATE.format(successful_previous_attempt="The answer is 4.")
-                + "\n\nCorrectly solve the original question.\n")
-    assert messages[1] == {"role": "user", "content": expected}
-    assert "Correct solution:\n\nThe answer is 4.\n\n" in expected
+    assert messages[1] == {"role": "user", "content": "What is 2+2?\nCorrect solution:\n\nThe answer is 4.\n\n"
+                                                      "Correctly solve the original question."}
     feedback = reprompt_messages(QUESTION, None, "boom")[1]["content"]
-    assert feedback == "What is 2+2?" + FEEDBACK_TEMPLATE.format(feedback_raw="boom") + \
-        "\n\nCorrectly solve the original question.\n"
+    assert feedback == ("What is 2+2?\nThe following is feedback from your unsuccessful earlier attempt:\n\nboom\n\n"
+                        "Correctly solve the original question.")
+    both = reprompt_messages(QUESTION, "4", "boom")[1]["content"]
+    assert both == ("What is 2+2?\nCorrect solution:\n\n4\nThe following is feedback from your unsuccessful "
+                    "earlier attempt:\n\nboom\n\nCorrectly solve the original question.")
 
 
 def test_groups_are_independent():

@@ -6,6 +6,7 @@ import pytest
 
 from sdft_utils.errors import UserInputError
 from sdft_utils.sdpo.tasks import load_sdpo_tasks, make_scorer
+from sdft_utils.sdpo.verifiers import Verdict
 
 
 def write(tmp_path, rows):
@@ -22,7 +23,11 @@ def test_valid_rows_of_every_verifier_load(tmp_path):
     tasks = load_sdpo_tasks(write(tmp_path, rows))
     assert [task.verifier for task in tasks] == ["math", "mcq", "code", "tool"]
     assert tasks[2].row["tests"] == [{"input": "", "output": "1"}]
-    assert make_scorer(None)(tasks[0], "it is 2").score == 1.0
+    assert make_scorer(None)(tasks[0], "it is \\boxed{2}").score == 1.0
+    assert make_scorer(None)(tasks[0], "it is 2").score == 0.0  # the release's rule needs the box
+    assert make_scorer(None, lenient=True)(tasks[0], "it is 2").score == 1.0
+    assert make_scorer(None, lenient=True)(tasks[1], "(A)").score == 1.0
+    assert make_scorer(None)(tasks[1], "(A)").score == 0.0
 
 
 def test_all_problems_are_reported_together(tmp_path):
@@ -47,6 +52,8 @@ def test_missing_prompt_column_suggests_the_right_flag(tmp_path):
 def test_a_reward_fn_needs_no_verifier_columns(tmp_path):
     tasks = load_sdpo_tasks(write(tmp_path, [{"prompt": "q"}]), custom_reward=True)
     assert tasks[0].verifier == "reward_fn"
+    for lenient in (False, True):  # the grading rules are the built-in verifiers'; a reward_fn is used as it is
+        assert make_scorer(lambda completion, row: Verdict(0.25, "mine"), lenient)(tasks[0], "x") == Verdict(0.25, "mine")
 
 
 def test_success_rate_averages_sampled_completions_per_question(tokenizer):

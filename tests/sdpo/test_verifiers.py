@@ -8,39 +8,86 @@ import pytest
 from sdft_utils.errors import UserInputError
 from sdft_utils.sdpo.verifiers import (
     FEEDBACK_CHARS,
+    MATH_FORMAT_FEEDBACK,
+    GradingConfig,
     Verdict,
     extract_code,
     load_reward_fn,
     quote,
+    verifiers_for,
     verify_code,
     verify_math,
+    verify_math_lenient,
     verify_mcq,
+    verify_mcq_lenient,
     verify_tool,
 )
 
 
 @pytest.mark.parametrize("completion, answer, score", [
-    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("3 + 4 = 7", "7", 1.0),
-    ("It is 7. No wait, 8", "7", 0.0),
+    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),                 # math-verify equivalence
     ("\\boxed{x^2+2x+1} is it", "(x+1)^2", 1.0),
-    ("The total is 1,234.", "1234", 1.0),
+    ("\\boxed{7} first, then I changed my mind: \\boxed{8}", "7", 0.0),    # the last box counts
+    ("3 + 4 = 7", "7", 0.0),                                              # no box: the release's format error
+    ("\\boxed{7}" + " and some words" * 10, "7", 0.0),                    # the box ends 150 characters early
+    ("x" * 500 + " \\boxed{7}", "7", 1.0),                                # only the final 100 characters matter
+    ("\\boxed{}", "7", 0.0),
 ])
-def test_math_checks_the_boxed_or_last_number_with_math_verify(completion, answer, score):
+def test_math_reads_the_last_box_in_the_final_100_characters_like_the_release(completion, answer, score):
     assert verify_math(completion, {"answer": answer}).score == score
 
 
+@pytest.mark.parametrize("completion, answer, score", [
+    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("3 + 4 = 7", "7", 1.0),                                              # the last number
+    ("It is 7. No wait, 8", "7", 0.0),
+    ("\\boxed{7}" + " and some words" * 10, "7", 1.0),                    # a box anywhere
+    ("The total is 1,234.", "1234", 1.0),
+])
+def test_lenient_math_takes_a_box_anywhere_else_the_last_number(completion, answer, score):
+    assert verify_math_lenient(completion, {"answer": answer}).score == score
+
+
 def test_math_without_an_answer_gets_format_feedback():
-    verdict = verify_math("I do not know", {"answer": "3"})
-    assert verdict.score == 0.0 and "boxed" in verdict.feedback
+    verdict = verify_math("I do not know, maybe 3", {"answer": "3"})
+    assert verdict.score == 0.0 and verdict.feedback == MATH_FORMAT_FEEDBACK
+    assert "\\boxed{your_answer}" in MATH_FORMAT_FEEDBACK  # the release's wording
+    assert verify_math("\\boxed{4}", {"answer": "3"}).feedback == ""  # a wrong answer gets no hint
+    lenient = verify_math_lenient("I do not know", {"answer": "3"})
+    assert lenient.score == 0.0 and "boxed" in lenient.feedback
 
 
-def test_mcq_reads_the_answer_tag_or_the_last_choice_letter():
+@pytest.mark.parametrize("completion, score", [
+    ("<reasoning>..</reasoning><answer>B</answer>", 1.0),
+    ("<answer> B\n</answer>", 1.0),                      # stripped
+    ("B", 1.0),                                          # no tag: the whole text, stripped, is the answer
+    ("<answer>B", 1.0),                                  # unclosed: what follows the last opening tag
+    ("<answer>A</answer> no: <answer>B</answer>", 1.0),  # the last tag
+    ("<answer>(B)</answer>", 0.0),                       # exactly the letter, nothing around it
+    ("<answer>b</answer>", 0.0),
+    ("A seems right but the answer is B", 0.0),
+    ("<answer>B</answer> and <answer>C</answer>", 0.0),
+])
+def test_mcq_is_the_text_in_the_last_answer_tag_exactly_like_the_release(completion, score):
+    verdict = verify_mcq(completion, {"answer": "B", "choices": ["x", "y", "z"]})
+    assert verdict == Verdict(score, "")  # the release gives no feedback
+
+
+def test_lenient_mcq_reads_the_answer_tag_or_the_last_choice_letter():
     row = {"answer": "B", "choices": ["x", "y", "z"]}
-    assert verify_mcq("<reasoning>..</reasoning><answer>B</answer>", row).score == 1.0
-    assert verify_mcq("A seems right but the answer is B", row).score == 1.0
-    assert verify_mcq("The answer is C", row).score == 0.0
-    assert "answer" in verify_mcq("no idea", row).feedback
+    assert verify_mcq_lenient("<reasoning>..</reasoning><answer>B</answer>", row).score == 1.0
+    assert verify_mcq_lenient("<answer>(B)</answer>", row).score == 1.0
+    assert verify_mcq_lenient("A seems right but the answer is B", row).score == 1.0
+    assert verify_mcq_lenient("The answer is C", row).score == 0.0
+    assert "answer" in verify_mcq_lenient("no idea", row).feedback
+
+
+def test_one_switch_chooses_the_rules_and_leaves_code_and_tools_alone():
+    assert verifiers_for()["math"] is verify_math and verifiers_for(False)["mcq"] is verify_mcq
+    assert verifiers_for(True)["math"] is verify_math_lenient and verifiers_for(True)["mcq"] is verify_mcq_lenient
+    for name in ("code", "tool"):
+        assert verifiers_for(True)[name] is verifiers_for(False)[name]
+    assert GradingConfig().lenient_grading is False  # the release's rules by default
 
 
 SQUARE_TESTS = [{"input": "3\n", "output": "9\n"}, {"input": "12\n", "output": "144"}]
