@@ -118,7 +118,8 @@ class Args:
     dtype: str = arg("auto", "auto = bfloat16 on GPU, float32 on CPU", "engine",
                      ["auto", "bfloat16", "float16", "float32"])
     attn_implementation: str | None = arg(None, "HF attention kernel (sdpa, flash_attention_2, eager)", "engine")
-    vllm_gpu_memory_utilization: float = arg(0.9, "vLLM: fraction of GPU memory it may take", "engine")
+    vllm_gpu_memory_utilization: float | None = arg(None, "vLLM: fraction of GPU memory it may take (of RAM on a "
+                                                          "CPU); None = 0.9 on a GPU, 0.1 on a CPU", "engine")
     vllm_max_model_len: int | None = arg(None, "vLLM context length; None = the model's own maximum",
                                          "engine")
     vllm_tensor_parallel_size: int = arg(1, "vLLM: GPUs per engine", "engine")

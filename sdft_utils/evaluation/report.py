@@ -55,7 +55,7 @@ def stop_token_ids(model_path: str, tokenizer) -> list[int]:
 
 
 def open_engine(model_path: str, tokenizer, rollout: str, dtype: torch.dtype, batch_size: int | None,
-                attn_implementation: str | None = None, vllm_gpu_memory_utilization: float = 0.9,
+                attn_implementation: str | None = None, vllm_gpu_memory_utilization: float | None = None,
                 vllm_max_model_len: int | None = None, vllm_tensor_parallel_size: int = 1, seed: int = 0):
     """A rollout engine for one checkpoint: HF `generate` on the loaded model, or an in-process vLLM engine."""
     eos = stop_token_ids(model_path, tokenizer)
@@ -63,10 +63,11 @@ def open_engine(model_path: str, tokenizer, rollout: str, dtype: torch.dtype, ba
         model = load_model(model_path, dtype, attn_implementation)
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         return HFRollout(model, tokenizer.pad_token_id, eos, batch_size)
-    from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig
+    from sdft_utils.rollout.vllm_colocate import VLLMColocateRollout, VLLMEngineConfig, memory_fraction
 
     config = VLLMEngineConfig(model=model_path, dtype=dtype, tensor_parallel_size=vllm_tensor_parallel_size,
-                              gpu_memory_utilization=vllm_gpu_memory_utilization, max_model_len=vllm_max_model_len,
+                              gpu_memory_utilization=memory_fraction(vllm_gpu_memory_utilization, 0.9),
+                              max_model_len=vllm_max_model_len,
                               enable_sleep=False, seed=seed)
     return VLLMColocateRollout(config, eos)
 

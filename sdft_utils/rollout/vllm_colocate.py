@@ -24,7 +24,7 @@ class VLLMEngineConfig:
     model: str  # Hugging Face id or folder the engine loads first (then receives the trainer's weights)
     dtype: torch.dtype = torch.float32
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: float | None = None  # None: `memory_fraction`'s default
     max_model_len: int | None = None
     enable_sleep: bool = True  # offload weights and free the KV cache while the trainer trains (GPU only)
     seed: int = 0
@@ -34,6 +34,17 @@ def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+CPU_MEMORY_FRACTION = 0.1  # vLLM's CPU backend reserves this share of RAM for the KV cache up front
+
+
+def memory_fraction(requested: float | None, gpu_default: float) -> float:
+    """vLLM's `gpu_memory_utilization`: the flag's value, else `gpu_default` on a GPU and a tenth of the RAM on a
+    CPU (there it reserves that share of *system* memory at start, and refuses to start beside a busy trainer)."""
+    if requested is not None:
+        return requested
+    return CPU_MEMORY_FRACTION if on_cpu() else gpu_default
 
 
 def sampling_params(sampling: SamplingConfig, eos_token_ids: list[int], seed: int | None = None):
@@ -72,7 +83,8 @@ class VLLMColocateRollout:
         self.sleep_enabled = config.enable_sleep and not self.cpu
         self.llm = LLM(
             model=config.model, dtype=config.dtype, tensor_parallel_size=tp,
-            gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
+            gpu_memory_utilization=memory_fraction(config.gpu_memory_utilization, 0.3),
+            max_model_len=config.max_model_len,
             # same seed inside a TP group: its ranks must sample the same tokens
             seed=config.seed + (accelerator.process_index // tp if accelerator is not None else 0),
             logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,

@@ -295,7 +295,8 @@ def main() -> None:
                         help="the dtype the trainer computes in: float32 on a CPU (the default there), bfloat16 under "
                              "bf16 mixed precision; default: %(default)s")
     parser.add_argument("--tensor_parallel_size", type=int, default=1)
-    parser.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    parser.add_argument("--gpu_memory_utilization", type=float, default=0.9 if torch.cuda.is_available() else 0.1,
+                        help="share of GPU memory (of RAM on a CPU, reserved at start); default: %(default)s")
     parser.add_argument("--max_model_len", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server to be healthy")
     parser.add_argument("--print_command", action="store_true", help="print the vllm serve command and exit")

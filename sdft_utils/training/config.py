@@ -186,7 +186,8 @@ class RolloutArgs:
     vllm_mode: str = arg("colocate", "vLLM in this process (colocate) or a separate server (server)", "rollout",
                          VLLM_MODES)
     vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs (ranks) per vLLM engine", "rollout")
-    vllm_gpu_memory_utilization: float = arg(0.3, "colocate: fraction of GPU memory vLLM may take", "rollout")
+    vllm_gpu_memory_utilization: float | None = arg(None, "colocate: fraction of GPU memory vLLM may take (of RAM on "
+                                                          "a CPU); None = 0.3 on a GPU, 0.1 on a CPU", "rollout")
     vllm_max_model_len: int | None = arg(None, "colocate: vLLM context length; None = max_prompt_length + "
                                                "max_completion_length", "rollout")
     vllm_enable_sleep_mode: bool = arg(True, "colocate: offload vLLM weights and KV cache while training (GPU only; "
@@ -211,7 +212,7 @@ class RolloutArgs:
             found.append(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             found.append(f"--generation_batch_size must be at least 1 or none, got {self.generation_batch_size}")
-        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+        if self.vllm_gpu_memory_utilization is not None and not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
             found.append(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         if self.rollout == "vllm" and not _vllm_installed():
             found.append("--rollout vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or "
