@@ -67,7 +67,6 @@ from sdft_utils.training.config import (
     runs_embedded_default,
 )
 from sdft_utils.training.run import make_evaluate, start_run
-from sdft_utils.training.teachers import ema_update_
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdft_embedded.yaml"
 
@@ -196,13 +195,10 @@ def main() -> None:
                     totals[name] = totals[name] + value  # stays on the device: one sync per step, below
             is_stats.append(stats)
 
-        # 4. optimizer step (skipped when not finite), then the teacher follows the student
+        # 4. optimizer step (skipped when not finite), then teacher <- 0.99 * teacher + 0.01 * student (EMA rate r)
         learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses
         updated, grad_norm = run.optimizer_step(totals["loss"])
-        if updated and args.teacher_kind == "ema":
-            ema_update_(run.teacher, model, args.teacher_update_rate)
-        run.scheduler.step()
-        sync_difference = run.sync_weights(student_prompts[0]) if updated else None
+        sync_difference = run.after_update(updated, student_prompts[0])  # EMA, schedule, rollout-engine weights
 
         # 5. log and save
         total = run.reduce(totals)

@@ -79,7 +79,6 @@ from sdft_utils.training.config import (
     runs_embedded_default,
 )
 from sdft_utils.training.run import make_evaluate, start_run
-from sdft_utils.training.teachers import ema_update_
 
 EMBEDDED_RECIPE = Path(__file__).parent / "recipes" / "sdpo_embedded.yaml"
 
@@ -251,11 +250,9 @@ def main() -> None:
                     totals[name] = totals[name] + value  # stays on the device: one sync per step, below
             is_stats.append(stats)
 
-        # 6. the teacher follows the student once per generation batch (after all mini-batches), if any step trained
-        if updated_any and args.teacher_kind == "ema":
-            ema_update_(run.teacher, model, args.teacher_update_rate)
-        run.scheduler.step()
-        sync_difference = run.sync_weights(student_prompts[0]) if updated_any else None
+        # 6. once per generation batch, after all mini-batches: teacher <- 0.95 * teacher + 0.05 * student (if any step
+        # trained), the schedule advances, the rollout engine gets the new weights
+        sync_difference = run.after_update(updated_any, student_prompts[0])
 
         # 7. log and save
         total = run.reduce(totals)

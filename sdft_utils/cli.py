@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
+import importlib.util
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -198,6 +201,29 @@ def flag_reference(scripts: dict[str, type], heading: str = "##") -> str:
         lines.append("")
     return "\n".join(lines)
 
+def load_attribute(spec: str, flag: str) -> Any:
+    """A flag naming code (`--reward_fn`, `--tool_environment`): `module:attribute` or `path/to/file.py:attribute`
+    -> the object; UserInputError naming `flag` when it cannot be found."""
+    module_name, _, attribute = spec.rpartition(":")
+    if not module_name or not attribute:
+        raise UserInputError(f"{flag} {spec!r}: expected 'module:attribute' or 'path/to/file.py:attribute'.")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UserInputError(f"{flag} {spec!r}: no such file {path}.")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[path.stem] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserInputError(f"{flag} {spec!r}: cannot import {module_name!r} ({error}).") from None
+    if not hasattr(module, attribute):
+        raise UserInputError(f"{flag} {spec!r}: {module_name!r} has no attribute {attribute!r}.")
+    return getattr(module, attribute)
+
 
 FLAGS_HEADER = """# Flags
 
@@ -222,9 +248,6 @@ def _default_text(field: dataclasses.Field) -> str:
 def main(argv: list[str] | None = None) -> None:
     """`python -m sdft_utils.cli docs/flags.md`: write the flag reference of train_sdft.py, train_sdpo.py and
     evaluate.py."""
-    import importlib.util
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     root = Path(__file__).resolve().parents[1]
     scripts = {}

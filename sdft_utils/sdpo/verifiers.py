@@ -24,17 +24,13 @@ or `<answer>(X)</answer>`, else the last standalone option letter. Code and tool
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from sdft_utils.cli import arg
+from sdft_utils.cli import arg, load_attribute
 from sdft_utils.errors import UserInputError
 from sdft_utils.sdpo.sandbox import SandboxConfig, SandboxLimits, SandboxUnavailable, run_python
 
@@ -384,25 +380,9 @@ def as_verdict(value) -> Verdict:
 
 def load_reward_fn(spec: str) -> Verifier:
     """`module:function` or `path/to/file.py:function` -> a verifier; UserInputError when it cannot be found."""
-    module_name, _, function_name = spec.rpartition(":")
-    if not module_name or not function_name:
-        raise UserInputError(f"--reward_fn {spec!r}: expected 'module:function' or 'file.py:function'.")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UserInputError(f"--reward_fn {spec!r}: no such file {path}.")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[path.stem] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UserInputError(f"--reward_fn {spec!r}: cannot import {module_name!r} ({error}).") from None
-    function = getattr(module, function_name, None)
+    function = load_attribute(spec, "--reward_fn")
     if not callable(function):
-        raise UserInputError(f"--reward_fn {spec!r}: {module_name!r} has no function {function_name!r}.")
+        raise UserInputError(f"--reward_fn {spec!r}: {function!r} is not a function (fn(completion, row)).")
 
     def reward(completion: str, row: dict) -> Verdict:
         return as_verdict(function(completion, row))

@@ -25,18 +25,15 @@ through the sandbox (`sdft_utils.sdpo.sandbox.run_python`), as `sdft_utils.tools
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from sdft_utils.cli import load_attribute
 from sdft_utils.errors import UserInputError
 
 HOOKS = ("reset", "call_tool", "tool_schemas", "next_user_message", "final_state")
@@ -52,27 +49,6 @@ class ToolResult:
     error: str | None = None  # the error, when the call failed (also inside `content`)
 
 
-def load_attribute(spec: str, flag: str = "--tool_environment") -> Any:
-    """`module:attribute` or `path/to/file.py:attribute` -> the object; UserInputError when it cannot be found."""
-    module_name, _, attribute = spec.rpartition(":")
-    if not module_name or not attribute:
-        raise UserInputError(f"{flag} {spec!r}: expected 'module:attribute' or 'path/to/file.py:attribute'.")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UserInputError(f"{flag} {spec!r}: no such file {path}.")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[path.stem] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise UserInputError(f"{flag} {spec!r}: cannot import {module_name!r} ({error}).") from None
-    if not hasattr(module, attribute):
-        raise UserInputError(f"{flag} {spec!r}: {module_name!r} has no attribute {attribute!r}.")
-    return getattr(module, attribute)
 
 
 def _functions(target: Any, spec: str, flag: str = "--tool_environment") -> dict[str, Callable]:

@@ -43,6 +43,7 @@ from sdft_utils.training.config import RunArgs
 from sdft_utils.training.metrics import MetricsLog
 from sdft_utils.training.modeling import adamw, load_tokenizer
 from sdft_utils.training.plots import plot_after_training
+from sdft_utils.training.teachers import ema_update_
 
 Evaluate = Callable[["Run", str], dict[str, float]]  # (run, when) -> {"eval/NAME_METRIC": value}
 
@@ -217,6 +218,15 @@ class Run:
                     f"(--max_nonfinite_steps {self.args.max_nonfinite_steps}); {last}. Lower --learning_rate, check "
                     "the data and the model's weights, or resume from that checkpoint.")
         return updated, grad_norm.item()
+
+    def after_update(self, updated: bool, probe_prompt: list[int]) -> float | None:
+        """The end of a step's update: the EMA teacher follows the student, teacher <- (1 - r) * teacher + r * student
+        with r = --teacher_update_rate (only when an optimizer step happened), the schedule advances, and the rollout
+        engine gets the new weights. Returns --check_weight_sync's largest |engine - trainer| log-prob, if checked."""
+        if updated and self.args.teacher_kind == "ema":
+            ema_update_(self.teacher, self.model, self.args.teacher_update_rate)
+        self.scheduler.step()
+        return self.sync_weights(probe_prompt) if updated else None
 
     def sync_weights(self, probe_prompt: list[int]) -> float | None:
         """The rollout engine samples from the updated weights (a no-op for HF rollouts). With --check_weight_sync:

@@ -172,7 +172,7 @@ def test_reward_fn_plugin_from_a_file(tmp_path):
     path.write_text("def score(completion, row):\n    return (float(row['answer'] in completion), 'say ' + row['answer'])\n")
     reward = load_reward_fn(f"{path}:score")
     assert reward("it is 42", {"answer": "42"}) == Verdict(1.0, "say 42")
-    with pytest.raises(UserInputError, match="no function"):
+    with pytest.raises(UserInputError, match="--reward_fn .* has no attribute 'missing'"):
         load_reward_fn(f"{path}:missing")
-    with pytest.raises(UserInputError, match="module:function"):
+    with pytest.raises(UserInputError, match="--reward_fn 'nonsense': expected 'module:attribute'"):
         load_reward_fn("nonsense")

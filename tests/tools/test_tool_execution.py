@@ -5,9 +5,10 @@ import time
 
 import pytest
 
+from sdft_utils.cli import load_attribute
 from sdft_utils.errors import UserInputError
 from sdft_utils.tools.config import ToolConfig
-from sdft_utils.tools.execution import load_attribute, open_toolbox, resolve_tools, schemas_of
+from sdft_utils.tools.execution import open_toolbox, resolve_tools, schemas_of
 
 
 def toolbox(spec, state=None, timeout=10.0):
@@ -96,4 +97,4 @@ def test_tool_config_check_reports_every_problem_with_its_flag():
     message = str(error.value)
     for flag in ("--max_turns", "--tool_timeout", "--tool_format", "--tool_environment 'tool_fixtures:missing'"):
         assert flag in message
-    assert load_attribute("tool_fixtures:add")(1, 2) == 3
+    assert load_attribute("tool_fixtures:add", "--tool_environment")(1, 2) == 3
