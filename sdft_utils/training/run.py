@@ -1,15 +1,18 @@
 """Everything around a training loop that both methods share: set-up, the step's bookkeeping, teardown.
 
-`start_run` builds, in order: the backend (processes, accelerator), tokenizer, student and teacher, optimizer and
-schedule, the rollout engine, a resumed state, `args.json`, trackers and `metrics.jsonl`, and the evaluation before
-training. The script keeps its method: its data, its step and its loss, written out in its own loop, which calls
+`start_run` builds, in order: the backend (processes, accelerator), tokenizer, student and teacher, the rows that fit
+(--overlong_prompts), optimizer and schedule, the rollout engine, a resumed state, `args.json`, trackers and
+`metrics.jsonl`, and the evaluation before training. The script keeps its method: its data, its step and its loss,
+written out in its own loop, which calls
 
-    run.steps()                      the remaining step indices (with a progress bar)
-    run.token_divergence(batch, ..)  teacher and student score the same completion tokens -> per-token divergence
-    run.optimizer_step(loss_sum)     clip and step, or skip a step whose loss or gradient norm is not finite
-    run.sync_weights(probe_prompt)   the rollout engine gets the new weights (optionally checked)
-    run.log_and_save(step, metrics)  metrics, periodic evaluation, best checkpoint, checkpoints
-    run.finish()                     final evaluation, merged adapter, summary, training-curve plot
+    run.steps()                        the remaining step indices (with a progress bar)
+    run.render_prompts / run.generate  prompts and on-policy rollouts (multi-turn with tools for tool rows)
+    run.token_divergence(batch, ..)    teacher and student score the same completion tokens -> per-token divergence
+    run.backward(loss)                 gradient accumulation through accelerate
+    run.optimizer_step(loss_sum)       clip and step, or skip a step whose loss or gradient norm is not finite
+    run.after_update(updated, prompt)  EMA teacher, schedule, the rollout engine's weights (optionally checked)
+    run.log_and_save(step, metrics)    metrics, periodic evaluation, best checkpoint, checkpoints
+    run.finish()                       final evaluation, merged adapter, engine teardown, summary, plot
 """
 
 from __future__ import annotations
