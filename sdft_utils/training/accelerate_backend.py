@@ -122,7 +122,9 @@ class AccelerateBackend:
         # DeepSpeed clips inside its own step (its config carries --max_grad_norm) and skips a step whose gradients
         # are not finite; accelerate then returns the norm DeepSpeed measured (inf for a skipped step).
         norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-        return float("nan") if norm is None else norm
+        if norm is None:
+            return float("nan")
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a replicated DTensor
 
     def parameters_finite(self, model: nn.Module) -> bool:
         finite = all(bool(torch.isfinite(tensor).all()) for tensor in local_parameters(model).values())

@@ -115,6 +115,8 @@ def check_logit_transform(model: nn.Module, transform: LogitTransform, num_token
     model, before accelerate/DeepSpeed/FSDP wrap it and before LoRA."""
     model = extract_model_from_parallel(model)
     weight, bias = output_head(model)
+    if hasattr(weight, "ds_id") or weight.numel() == 0:
+        return 0.0  # ZeRO-3 loads partitioned weights (zero3_init_flag): no forward outside its engine; trust the config
     ids = (torch.arange(num_tokens, device=weight.device) % weight.shape[0])[None]
     captured = {}
 
