@@ -64,6 +64,10 @@ SDPO_FLAGS = {
     "save_total_limit": 1,
 }
 LAMBDAS = [0.0, 0.5, 0.9, 1.0]
+# One setting changed (--variant NAME), to find out why a lambda does what it does.
+SDPO_VARIANTS = {
+    "lr_1e-5": {"learning_rate": 1e-5},  # the paper's Section 3 rate: is the collapse the step size or the target?
+}
 SEEDS = [42, 7]
 EVAL_SAMPLES = 4  # the paper: 16 (Section 3) or 4 (Section 4) samples per question
 EVAL_FLAGS = {"temperature": 0.6, "top_p": 0.95, "num_samples": EVAL_SAMPLES, "max_new_tokens": 16,
@@ -76,6 +80,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/sdpo_lambda", help="one folder per run, the PNG, the JSON")
     parser.add_argument("--lambdas", nargs="+", type=float, default=LAMBDAS, help="values of --grpo_lambda")
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS, help="compare means over seeds")
+    parser.add_argument("--variant", choices=sorted(SDPO_VARIANTS), help="change one setting (SDPO_VARIANTS)")
     parser.add_argument("--model", help="model folder; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--results_md", help="also write the table into this Markdown file, between the markers")
     parser.add_argument("--figure", help="also copy the PNG here (the Markdown links this copy), e.g. "
@@ -88,8 +93,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 
-def run_name(grpo_lambda: float, seed: int) -> str:
-    return f"lambda{grpo_lambda:g}_seed{seed}"
+def run_name(grpo_lambda: float, seed: int, variant: str | None = None) -> str:
+    return f"lambda{grpo_lambda:g}{'+' + variant if variant else ''}_seed{seed}"
 
 
 
@@ -116,12 +121,13 @@ def per_step(train_dir: Path) -> dict[str, list[float]]:
 
 
 def evaluate_run(grpo_lambda: float, seed: int, args: argparse.Namespace, output_dir: Path) -> dict:
-    run_dir = output_dir / run_name(grpo_lambda, seed)
+    run_dir = output_dir / run_name(grpo_lambda, seed, args.variant)
     record_path = run_dir / "record.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     start = time.perf_counter()
-    flags = {**SDPO_FLAGS, "grpo_lambda": grpo_lambda, "seed": seed, "output_dir": run_dir / "train",
+    flags = {**SDPO_FLAGS, **SDPO_VARIANTS.get(args.variant, {}), "grpo_lambda": grpo_lambda, "seed": seed,
+             "output_dir": run_dir / "train",
              **({"model": args.model} if args.model else {})}
     if args.smoke:
         flags.update(max_steps=1, questions_per_step=2, num_generations=2, per_device_batch_size=4,
@@ -129,7 +135,7 @@ def evaluate_run(grpo_lambda: float, seed: int, args: argparse.Namespace, output
     train_cpu = run_logged([sys.executable, str(ROOT / "train_sdpo.py"), *as_flags(flags)], run_dir / "train.log")
     model_dir = run_dir / "train" / f"checkpoint-{flags['max_steps']}"
     eval_cpu = run_logged(eval_command(model_dir, run_dir / "eval", args.smoke), run_dir / "eval.log")
-    record = {"grpo_lambda": grpo_lambda, "seed": seed, "heldout": heldout_scores(run_dir / "eval" / "report.json"),
+    record = {"grpo_lambda": grpo_lambda, "variant": args.variant, "seed": seed, "heldout": heldout_scores(run_dir / "eval" / "report.json"),
               "steps": per_step(run_dir / "train"), "train_cpu_s": round(train_cpu, 1),
               "eval_cpu_s": round(eval_cpu, 1), "wall_s": round(time.perf_counter() - start, 1)}
     if not args.keep_checkpoints:
@@ -153,12 +159,14 @@ def evaluate_base(args: argparse.Namespace, output_dir: Path) -> dict:
 
 def summarize(records: list[dict]) -> list[dict]:
     rows = []
-    for grpo_lambda in sorted({record["grpo_lambda"] for record in records}):
-        runs = [record for record in records if record["grpo_lambda"] == grpo_lambda]
+    keys = sorted({(record.get("variant") or "", record["grpo_lambda"]) for record in records})
+    for variant, grpo_lambda in keys:
+        runs = [record for record in records
+                if record["grpo_lambda"] == grpo_lambda and (record.get("variant") or "") == variant]
         avg = [run["heldout"]["avg"] for run in runs]
         steps = min(len(run["steps"]["success"]) for run in runs)
         rows.append({
-            "grpo_lambda": grpo_lambda, "seeds": [run["seed"] for run in runs],
+            "grpo_lambda": grpo_lambda, "variant": variant or None, "seeds": [run["seed"] for run in runs],
             "heldout_avg": statistics.mean(avg), "heldout_range": [min(avg), max(avg)],
             "heldout_pass": statistics.mean(run["heldout"]["pass"] for run in runs),
             "success_by_step": [statistics.mean(run["steps"]["success"][i] for run in runs) for i in range(steps)],
@@ -177,8 +185,9 @@ def markdown(rows: list[dict], base: dict) -> str:
              f"| base | - | - | {base['heldout']['avg']:.3f} | {base['heldout']['pass']:.3f} | - | - | - | - |"]
     for row in rows:
         success = row["success_by_step"]
+        what = names.get(row["grpo_lambda"], "hybrid") + (f", {row['variant']}" if row.get("variant") else "")
         lines.append(
-            f"| {row['grpo_lambda']:g} | {names.get(row['grpo_lambda'], 'hybrid')} | {len(row['seeds'])} | "
+            f"| {row['grpo_lambda']:g} | {what} | {len(row['seeds'])} | "
             f"{row['heldout_avg']:.3f} ({row['heldout_range'][0]:.3f}-{row['heldout_range'][1]:.3f}) | "
             f"{row['heldout_pass']:.3f} | {success[0]:.3f} -> {success[-1]:.3f} | "
             f"{statistics.mean(row['teacher_by_step']):.3f} | {row['completion_length']:.1f} | "
@@ -194,22 +203,29 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
 
     figure, (success_axes, teacher_axes, heldout_axes) = plt.subplots(1, 3, figsize=(14, 4.2))
     colours = plt.get_cmap("viridis")
+    main = [row for row in rows if not row.get("variant")]
     for index, row in enumerate(rows):
-        colour = colours(index / max(len(rows) - 1, 1))
+        variant = row.get("variant")  # variants: dashed, coloured like the lambda they change
+        same = [r for r in main if r["grpo_lambda"] == row["grpo_lambda"]]
+        colour = colours((main.index(same[0]) if same else index) / max(len(main) - 1, 1))
         steps = range(1, len(row["success_by_step"]) + 1)
-        label = f"lambda {row['grpo_lambda']:g}"
-        success_axes.plot(steps, row["success_by_step"], marker="o", color=colour, label=label)
-        teacher_axes.plot(steps, row["teacher_by_step"], marker="o", color=colour, label=label)
-        heldout_axes.bar(index, row["heldout_avg"], color=colour, alpha=0.7)
-        runs = [record["heldout"]["avg"] for record in records if record["grpo_lambda"] == row["grpo_lambda"]]
+        label = f"lambda {row['grpo_lambda']:g}" + (f", {variant}" if variant else "")
+        style = dict(marker="o", color=colour, label=label, linestyle="--" if variant else "-")
+        success_axes.plot(steps, row["success_by_step"], **style)
+        teacher_axes.plot(steps, row["teacher_by_step"], **style)
+        heldout_axes.bar(index, row["heldout_avg"], color=colour, alpha=0.4 if variant else 0.7,
+                         hatch="//" if variant else None)
+        runs = [record["heldout"]["avg"] for record in records if record["grpo_lambda"] == row["grpo_lambda"]
+                and record.get("variant") == variant]
         heldout_axes.scatter([index] * len(runs), runs, color="black", s=14, zorder=3)
     heldout_axes.axhline(base["heldout"]["avg"], color="grey", linestyle="--", label="base model")
-    heldout_axes.set_xticks(range(len(rows)), [f"{row['grpo_lambda']:g}" for row in rows])
+    heldout_axes.set_xticks(range(len(rows)), [f"{row['grpo_lambda']:g}" + ("\n" + row["variant"] if row.get("variant")
+                                                                           else "") for row in rows], fontsize=8)
     success_axes.set(title="training success (seed mean)", xlabel="step", ylabel="rollouts with reward >= 0.5")
     teacher_axes.set(title="rollouts that got a teacher", xlabel="step", ylabel="fraction (rest: masked)")
     heldout_axes.set(title=f"held-out avg@{EVAL_SAMPLES} (T 0.6, top-p 0.95)", xlabel="grpo_lambda (0 = pure SDPO)",
                      ylabel="success")
-    success_axes.legend()
+    success_axes.legend(fontsize=8)
     heldout_axes.legend()
     for axes in (success_axes, teacher_axes, heldout_axes):
         axes.grid(alpha=0.3)
@@ -217,8 +233,6 @@ def plot(rows: list[dict], records: list[dict], base: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -242,9 +256,12 @@ def main(argv: list[str] | None = None) -> None:
         for grpo_lambda in args.lambdas:
             record = evaluate_run(grpo_lambda, seed, args, output_dir)
             records.append(record)
-            print(f"{run_name(grpo_lambda, seed)}: held-out avg@{EVAL_SAMPLES} {record['heldout']['avg']:.3f}, "
+            print(f"{run_name(grpo_lambda, seed, args.variant)}: held-out avg@{EVAL_SAMPLES} {record['heldout']['avg']:.3f}, "
                   f"train success {record['steps']['success'][0]:.2f} -> {record['steps']['success'][-1]:.2f} "
                   f"(train {record['train_cpu_s']:.0f} CPU s)", flush=True)
+    # the summary covers every run recorded in the folder, so variants and seeds added later join the table
+    records = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/record.json"))
+               if path.parent.name != "base"]
     rows = summarize(records)
     table = markdown(rows, base)
     png = output_dir / "sdpo_lambda.png"

@@ -41,7 +41,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MiB = 2**20
-SDPO_REPROMPT = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"  # the release's and TRL's
 
 
 def parity_reward(completion: str, row: dict) -> float:
@@ -186,6 +185,8 @@ def run_trl(s: Settings) -> dict:
     else:
         from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
 
+        from sdft_utils.sdpo.reprompt import FEEDBACK_TEMPLATE, REPROMPT_TEMPLATE, SOLUTION_TEMPLATE
+
         def reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
             return [parity_reward(_text(completion), {}) for completion in completions]
 
@@ -194,7 +195,9 @@ def run_trl(s: Settings) -> dict:
                             weight_decay=0.01, teacher_update_rate=0.05, distillation_mode="topk_logits",
                             distillation_alpha=0.5, distillation_topk=100, distillation_add_tail=True,
                             distillation_weight=1.0, success_reward_threshold=0.5, max_reprompt_len=10240,
-                            reprompt_template=SDPO_REPROMPT)
+                            # the texts the release ran, as ours (TRL's defaults end in extra newlines)
+                            reprompt_template=REPROMPT_TEMPLATE, solution_template=SOLUTION_TEMPLATE,
+                            feedback_template=FEEDBACK_TEMPLATE)
         trainer = SDPOTrainer(model=s.model_dir, reward_funcs=[reward], args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[timer])
     generation_seconds = []

@@ -66,7 +66,9 @@ def test_lambda_plot_has_its_three_panels(tmp_path):
         return {"grpo_lambda": grpo_lambda, "seed": seed, "heldout": {"avg": avg, "pass": avg}, "train_cpu_s": 5.0,
                 "eval_cpu_s": 1.0, "steps": {"success": [0.1, 0.2], "teacher": [0.3, 0.4], "completion_length": [4, 5]}}
 
-    records = [record(0.0, 42, 0.2), record(0.9, 42, 0.6), record(0.9, 7, 0.5)]
+    records = [record(0.0, 42, 0.2), record(0.9, 42, 0.6), record(0.9, 7, 0.5), {**record(0.0, 42, 0.4), "variant": "lr_1e-5"}]
+    rows = sdpo_lambda.summarize(records)
+    assert [(row["variant"], row["grpo_lambda"]) for row in rows] == [(None, 0.0), (None, 0.9), ("lr_1e-5", 0.0)]
     sdpo_lambda.plot(sdpo_lambda.summarize(records), records, {"heldout": {"avg": 0.3, "pass": 0.5}},
                      tmp_path / "lambda.png")
     assert (tmp_path / "lambda.png").stat().st_size > 10_000
