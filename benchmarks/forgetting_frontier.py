@@ -55,7 +55,7 @@ TEACHER_TEMPLATE = ("{prompt}\n\nThis is an example for a response to the questi
 SDFT_FLAGS = {
     "dataset": str(DATA / "train.jsonl"),
     "teacher_template": TEACHER_TEMPLATE,
-    "ema_rate": 0.02,
+    "teacher_update_rate": 0.02,
     "prompts_per_step": 4,
     "per_device_batch_size": 4,
     "max_steps": 32,
@@ -89,7 +89,7 @@ SDFT_VARIANTS = {
     "temperature_0.7": {"temperature": 0.7},  # sampling and the loss's logits (the teacher's target sharpens)
     "temperature_0.5": {"temperature": 0.5},
     "completion_32": {"max_completion_length": 32},
-    "ema_0.1": {"ema_rate": 0.1},
+    "ema_0.1": {"teacher_update_rate": 0.1},
     "frozen_teacher": {"teacher_kind": "frozen"},
     "generations_4": {"num_generations": 4, "prompts_per_step": 1},  # 4 samples of 1 prompt: the same compute
     "steps_96": {"max_steps": 96},  # 3x the steps: 24 on-policy samples of each fact

@@ -52,7 +52,7 @@ SDPO_FLAGS = {
     "learning_rate": 5e-5,
     "warmup_steps": 0,
     "teacher_update_rate": 0.05,
-    "questions_per_step": 4,
+    "prompts_per_step": 4,
     "num_generations": 8,
     "per_device_batch_size": 16,
     "max_completion_length": 16,
@@ -130,7 +130,7 @@ def evaluate_run(grpo_lambda: float, seed: int, args: argparse.Namespace, output
              "output_dir": run_dir / "train",
              **({"model": args.model} if args.model else {})}
     if args.smoke:
-        flags.update(max_steps=1, questions_per_step=2, num_generations=2, per_device_batch_size=4,
+        flags.update(max_steps=1, prompts_per_step=2, num_generations=2, per_device_batch_size=4,
                      max_completion_length=4, top_k=5)
     train_cpu = run_logged([sys.executable, str(ROOT / "train_sdpo.py"), *as_flags(flags)], run_dir / "train.log")
     model_dir = run_dir / "train" / f"checkpoint-{flags['max_steps']}"
