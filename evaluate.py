@@ -25,7 +25,7 @@ instead (its ARC prompt for all of them). Either way the numbers compare checkpo
 RUN_DIR/training_curves.png; the training scripts do the same at the end of every run.
 
 Run:
-  python evaluate.py --model outputs/sdft_embedded/checkpoint-40 --tasks data/sdft_facts/heldout.jsonl arc_easy --limit 50
+  python evaluate.py --model outputs/sdft_embedded/checkpoint-80 --tasks data/sdft_facts/heldout.jsonl arc_easy --limit 50
   python evaluate.py --model Qwen/Qwen2.5-7B-Instruct outputs/tooluse/best --tasks tool_eval.jsonl mmlu hellaswag \
       winogrande gsm8k --rollout vllm --output_dir outputs/eval_tooluse
   python evaluate.py --model outputs/sdpo/best --tasks data/sdpo_sums/heldout.jsonl --temperature 0.6 --top_p 0.95 \

@@ -44,10 +44,11 @@ DATA = ROOT / "data" / "sdpo_sums"
 # ---------------------------------------------------------------------------------------------------- the experiment
 # The embedded SDPO recipe (lr 5e-5, EMA 0.05, no environment feedback, JSD on the top-100 + tail), smaller: 4
 # questions x 8 rollouts per step, 16 new tokens, 8 steps. Today's train_sdpo.py flag names; --grpo_lambda and
-# --seed are added per run. `reward_fn` carries the lenient math rule until the script has --lenient_grading.
+# --seed are added per run. The sums ask for "just the number", hence the lenient math rule (the last number).
 SDPO_FLAGS = {
     "dataset": str(DATA / "train.jsonl"),
-    "reward_fn": "sdft_utils.sdpo.verifiers:verify_math_lenient",
+    "verifier": "math",
+    "lenient_grading": True,
     "include_environment_feedback": False,
     "learning_rate": 5e-5,
     "warmup_steps": 0,
