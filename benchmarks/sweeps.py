@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +45,31 @@ def write_marked_block(md_path: Path, name: str, title: str, block: str) -> None
     else:
         text = text.rstrip("\n") + f"\n\n## {title}\n\n{content}\n"
     md_path.write_text(text)
+
+
+def recorded_runs(output_dir: Path) -> list[dict]:
+    """Every run recorded in the folder, the base model's evaluation aside: runs added later (variants, seeds) join
+    the summary."""
+    return [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/record.json"))
+            if path.parent.name != "base"]
+
+
+def publish(name: str, table: str, png: Path, records: list[dict], base: dict, args, argv: list[str] | None,
+            started: float, title: str, note: str, caption: str) -> None:
+    """Print the table; copy the PNG to --figure; with --results_md write the table, the command that made it and
+    its cost between this sweep's markers there."""
+    cpu_minutes = (sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in records) + base["eval_cpu_s"]) / 60
+    print(table)
+    print(f"plot: {png}  ({len(records)} runs, {cpu_minutes:.0f} CPU minutes in runs; this call took "
+          f"{(time.perf_counter() - started) / 60:.1f} min)")
+    if args.figure:
+        Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, args.figure)
+        png = Path(args.figure)
+    if args.results_md:
+        command = f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        block = (f"{datetime.date.today()}, `{command.strip()}`, {len(records)} runs, {cpu_minutes:.0f} CPU minutes "
+                 f"of training and evaluation on one thread. {note}\n\n{table}\n"
+                 f"![{caption}]({os.path.relpath(png.resolve(), Path(args.results_md).resolve().parent)})\n")
+        write_marked_block(Path(args.results_md), name, title, block)
+        print(f"table written to {args.results_md}")
