@@ -32,7 +32,7 @@ def test_section_4_rich_feedback_recipe():
 
 def test_embedded_recipe_points_at_bundled_files():
     args = recipe("sdpo_embedded")
-    assert args.model is None and args.grpo_lambda == 0.9
+    assert args.model is None and args.grpo_lambda == 0.5  # the lambda sweep's most reliable setting
     for path in [args.dataset, *args.eval_datasets]:
         assert (ROOT / path).is_file(), path
 
