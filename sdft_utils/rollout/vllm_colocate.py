@@ -47,6 +47,16 @@ def memory_fraction(requested: float | None, gpu_default: float) -> float:
     return CPU_MEMORY_FRACTION if on_cpu() else gpu_default
 
 
+def whole_prefill_options(max_model_len: int | None) -> dict:
+    """CPU engine options that prefill every prompt in one piece. vLLM samples (and then discards) a token after each
+    partial prefill and rewinds the request's generator, which a CPU generator cannot do: per-request seeds fail on a
+    prompt longer than one step's token budget (4,096 on a CPU). Without chunking, a step's budget must hold the
+    longest prompt. Unknown length: vLLM's defaults."""
+    if not max_model_len:
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+
+
 def sampling_params(sampling: SamplingConfig, eos_token_ids: list[int], seed: int | None = None):
     from vllm import SamplingParams
 
@@ -81,6 +91,8 @@ class VLLMColocateRollout:
                 [list(range(start, start + tp)) for start in range(0, world, tp)])
             self.tp_rank = accelerator.process_index % tp
         self.sleep_enabled = config.enable_sleep and not self.cpu
+        if self.cpu:
+            extra.update(whole_prefill_options(config.max_model_len))
         self.llm = LLM(
             model=config.model, dtype=config.dtype, tensor_parallel_size=tp,
             gpu_memory_utilization=memory_fraction(config.gpu_memory_utilization, 0.3),

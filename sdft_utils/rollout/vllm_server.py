@@ -47,6 +47,7 @@ from torch import nn
 
 from sdft_utils.errors import UserInputError
 from sdft_utils.rollout.sampling import Rollouts, SamplingConfig
+from sdft_utils.rollout.vllm_colocate import whole_prefill_options
 from sdft_utils.rollout.weight_sync import _unwrap, engine_name, full_parameters, layer_buckets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -238,6 +239,9 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: 
                "sdft_utils.rollout.vllm_worker.WeightSyncExtension"]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
+        if cpu:  # whole prefills: per-request seeds fail on a chunked one there (vllm_colocate.whole_prefill_options)
+            command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens",
+                        str(whole_prefill_options(max_model_len)["max_num_batched_tokens"])]
     command += ["--enforce-eager"] if cpu else ["--weight-transfer-config", '{"backend": "nccl"}']
     return command
 

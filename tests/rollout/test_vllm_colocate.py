@@ -55,6 +55,28 @@ def test_generation_returns_the_hf_models_processed_logprobs(engine):
             torch.testing.assert_close(torch.tensor(logprobs), expected, rtol=0, atol=TOLERANCE)
 
 
+def test_seeded_samples_of_a_prompt_longer_than_a_cpu_prefill_step(tmp_path):
+    """A 5,000-token prompt is more than the CPU engine's default step budget (4,096 tokens). Chunked, its prefill
+    made vLLM rewind the request's generator, which fails on a CPU; whole prefills keep per-request seeds working
+    (the SDPO tool recipe's prompts are 2,500-3,500 tokens, eight of them a round)."""
+    import json
+
+    from sdft_utils.testing import save_tiny_model
+
+    path = save_tiny_model(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    rollout = VLLMColocateRollout(VLLMEngineConfig(str(path), gpu_memory_utilization=0.05, max_model_len=6000), EOS)
+    prompts = [[1] + [40 + i % 200 for i in range(5000)], [1, 50, 51], [1] + [60 + i % 150 for i in range(3000)]]
+    sampling = SamplingConfig(max_new_tokens=6, num_samples=2)
+    first = rollout.generate(prompts, sampling, seeds=[3, 4, 5])
+    again = rollout.generate(prompts, sampling, seeds=[3, 4, 5])
+    assert len(first.completion_ids) == 6 and all(first.completion_ids)
+    assert first.completion_ids == again.completion_ids  # the seeds decide the samples
+    del rollout
+    gc.collect()
+
+
 def test_weight_sync_after_a_training_step(engine):
     path, rollout = engine
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

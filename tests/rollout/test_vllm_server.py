@@ -150,6 +150,14 @@ def test_the_launcher_serves_float32_without_a_gpu(tmp_path):
     assert command[command.index("--dtype") + 1] == "float32"  # what the trainer trains in here; `auto` gave bf16
 
 
+def test_a_cpu_server_prefills_whole_prompts_and_a_gpu_one_keeps_vllms_chunking(tmp_path):
+    cpu = serve_command(str(tmp_path), max_model_len=6000, cpu=True)
+    assert "--no-enable-chunked-prefill" in cpu  # a chunked prefill breaks per-request seeds on a CPU
+    assert cpu[cpu.index("--max-num-batched-tokens") + 1] == "6000"  # a step holds the longest prompt
+    gpu = serve_command(str(tmp_path), max_model_len=6000, cpu=False)
+    assert "--no-enable-chunked-prefill" not in gpu and "--max-num-batched-tokens" not in gpu
+
+
 def test_two_ddp_processes_against_one_server_pass_the_weight_sync_check_every_step(vllm_server, tmp_path):
     """Both ranks sample from one float32 server; rank 0 pushes the weights after each step while the other walks
     the same parameters, and every rank's check compares the server's log-probs with its own model."""
