@@ -23,6 +23,7 @@ continuation starts right after a special token, so tokenising it alone gives th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sdft_utils.errors import UserInputError
@@ -149,21 +150,15 @@ class ToolChat:
                 messages = messages[1:]
             else:
                 converted.append({"role": "system", "content": header})
-        pending: list[str] = []
-        for message in messages:
-            if message["role"] == "tool":
-                pending.append(message.get("content") or "")
+        for message, results in with_results_merged(messages, self.call_format):
+            if message is None:  # tool results come back as a user turn, as Qwen's template shows them
+                converted.append({"role": "user", "content": results})
                 continue
-            if pending:
-                converted.append({"role": "user", "content": result_text(pending, self.call_format)})
-                pending = []
             content = message.get("content") or ""
             if message["role"] == "assistant" and message.get("tool_calls"):
                 calls = format_calls(calls_of_message(message), self.call_format)
                 content = f"{content}\n{calls}" if content else calls
             converted.append({"role": message["role"], "content": content})
-        if pending:
-            converted.append({"role": "user", "content": result_text(pending, self.call_format)})
         return converted
 
     def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
@@ -251,20 +246,30 @@ def demonstration_text(messages: list[dict], call_format: str = "hermes") -> str
     in the model's call syntax, each run of tool results as the fallback writes them (`<tool_response>` blocks;
     ReAct: `Observation:` lines), a later user turn as `User: ...`."""
     parts: list[str] = []
-    pending: list[str] = []
-    for message in messages:
-        if message["role"] == "tool":
-            pending.append(message.get("content") or "")
+    for message, results in with_results_merged(messages, call_format):
+        if message is None:
+            parts.append(results)
             continue
-        if pending:
-            parts.append(result_text(pending, call_format))
-            pending = []
         content = (message.get("content") or "").strip()
         if message["role"] == "assistant":
             calls = format_calls(calls_of_message(message), call_format)
             parts.append("\n".join(part for part in (content, calls) if part))
         elif content:
             parts.append(f"{message['role'].capitalize()}: {content}")
-    if pending:
-        parts.append(result_text(pending, call_format))
     return "\n".join(part for part in parts if part)
+
+
+def with_results_merged(messages: list[dict], call_format: str) -> Iterator[tuple[dict | None, str]]:
+    """(message, "") for each message that is not a tool result, and (None, text) for each run of tool results, the
+    run written as one text the way the fallback shows results (`result_text`)."""
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "tool":
+            pending.append(message.get("content") or "")
+            continue
+        if pending:
+            yield None, result_text(pending, call_format)
+            pending = []
+        yield message, ""
+    if pending:
+        yield None, result_text(pending, call_format)
