@@ -39,7 +39,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the package, and sweeps.py beside this file
 
-from sweeps import as_flags, publish, recorded_runs, run_logged  # noqa: E402
+from sweeps import (  # noqa: E402
+    as_flags,
+    publish,
+    record_once,
+    recorded_runs,
+    run_logged,
+    train_then_evaluate,
+)
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
@@ -150,37 +157,31 @@ def eval_command(model_dir: Path, out_dir: Path, smoke: bool) -> list[str]:
 
 
 def evaluate_run(method: str, learning_rate: float, seed: int, args: argparse.Namespace, output_dir: Path) -> dict:
-    """Train and evaluate one run unless its report exists; return its record."""
+    """Train and evaluate one run unless its record exists; return its record."""
     run_dir = output_dir / run_name(method, learning_rate, seed)
-    record_path = run_dir / "record.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
-    start = time.perf_counter()
-    command, model_dir = train_command(method, learning_rate, seed, run_dir, args.model, args.smoke)
-    train_cpu = run_logged(command, run_dir / "train.log")
-    eval_cpu = run_logged(eval_command(model_dir, run_dir / "eval", args.smoke), run_dir / "eval.log")
-    record = {"method": method, "learning_rate": learning_rate, "seed": seed,
-              "accuracy": read_accuracies(run_dir / "eval" / "report.json"), "train_cpu_s": round(train_cpu, 1),
-              "eval_cpu_s": round(eval_cpu, 1), "wall_s": round(time.perf_counter() - start, 1),
-              **training_summary(run_dir / "train")}
-    if not args.keep_checkpoints:
-        shutil.rmtree(model_dir, ignore_errors=True)
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+
+    def run() -> dict:
+        command, model_dir = train_command(method, learning_rate, seed, run_dir, args.model, args.smoke)
+        costs = train_then_evaluate(command, model_dir, eval_command(model_dir, run_dir / "eval", args.smoke), run_dir,
+                                    args.keep_checkpoints)
+        return {"method": method, "learning_rate": learning_rate, "seed": seed,
+                "accuracy": read_accuracies(run_dir / "eval" / "report.json"), **costs,
+                **training_summary(run_dir / "train")}
+
+    return record_once(run_dir / "record.json", run)
 
 
 def evaluate_base(args: argparse.Namespace, output_dir: Path) -> dict:
-    record_path = output_dir / "base" / "record.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
     from sdft_utils.assets import embedded_model_path
 
-    model = args.model or str(embedded_model_path())
-    cpu = run_logged(eval_command(Path(model), output_dir / "base" / "eval", args.smoke), output_dir / "base" / "eval.log")
-    record = {"method": "base", "accuracy": read_accuracies(output_dir / "base" / "eval" / "report.json"),
-              "eval_cpu_s": round(cpu, 1)}
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+    def run() -> dict:
+        model = args.model or str(embedded_model_path())
+        cpu = run_logged(eval_command(Path(model), output_dir / "base" / "eval", args.smoke),
+                         output_dir / "base" / "eval.log")
+        return {"method": "base", "accuracy": read_accuracies(output_dir / "base" / "eval" / "report.json"),
+                "eval_cpu_s": round(cpu, 1)}
+
+    return record_once(output_dir / "base" / "record.json", run)
 
 
 def read_accuracies(report_path: Path) -> dict[str, float]:

@@ -34,7 +34,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the package, and sweeps.py beside this file
 
-from sweeps import as_flags, publish, recorded_runs, run_logged  # noqa: E402
+from sweeps import (  # noqa: E402
+    as_flags,
+    publish,
+    record_once,
+    recorded_runs,
+    run_logged,
+    train_then_evaluate,
+)
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
@@ -121,39 +128,34 @@ def per_step(train_dir: Path) -> dict[str, list[float]]:
 
 def evaluate_run(grpo_lambda: float, seed: int, args: argparse.Namespace, output_dir: Path) -> dict:
     run_dir = output_dir / run_name(grpo_lambda, seed, args.variant)
-    record_path = run_dir / "record.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
-    start = time.perf_counter()
-    flags = {**SDPO_FLAGS, **SDPO_VARIANTS.get(args.variant, {}), "grpo_lambda": grpo_lambda, "seed": seed,
-             "output_dir": run_dir / "train",
-             **({"model": args.model} if args.model else {})}
-    if args.smoke:
-        flags.update(max_steps=1, prompts_per_step=2, num_generations=2, per_device_batch_size=4,
-                     max_completion_length=4, top_k=5)
-    train_cpu = run_logged([sys.executable, str(ROOT / "train_sdpo.py"), *as_flags(flags)], run_dir / "train.log")
-    model_dir = run_dir / "train" / f"checkpoint-{flags['max_steps']}"
-    eval_cpu = run_logged(eval_command(model_dir, run_dir / "eval", args.smoke), run_dir / "eval.log")
-    record = {"grpo_lambda": grpo_lambda, "variant": args.variant, "seed": seed, "heldout": heldout_scores(run_dir / "eval" / "report.json"),
-              "steps": per_step(run_dir / "train"), "train_cpu_s": round(train_cpu, 1),
-              "eval_cpu_s": round(eval_cpu, 1), "wall_s": round(time.perf_counter() - start, 1)}
-    if not args.keep_checkpoints:
-        shutil.rmtree(model_dir, ignore_errors=True)
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+
+    def run() -> dict:
+        flags = {**SDPO_FLAGS, **SDPO_VARIANTS.get(args.variant, {}), "grpo_lambda": grpo_lambda, "seed": seed,
+                 "output_dir": run_dir / "train", **({"model": args.model} if args.model else {})}
+        if args.smoke:
+            flags.update(max_steps=1, prompts_per_step=2, num_generations=2, per_device_batch_size=4,
+                         max_completion_length=4, top_k=5)
+        model_dir = run_dir / "train" / f"checkpoint-{flags['max_steps']}"
+        costs = train_then_evaluate([sys.executable, str(ROOT / "train_sdpo.py"), *as_flags(flags)], model_dir,
+                                    eval_command(model_dir, run_dir / "eval", args.smoke), run_dir,
+                                    args.keep_checkpoints)
+        return {"grpo_lambda": grpo_lambda, "variant": args.variant, "seed": seed,
+                "heldout": heldout_scores(run_dir / "eval" / "report.json"), "steps": per_step(run_dir / "train"),
+                **costs}
+
+    return record_once(run_dir / "record.json", run)
 
 
 def evaluate_base(args: argparse.Namespace, output_dir: Path) -> dict:
-    record_path = output_dir / "base" / "record.json"
-    if record_path.exists():
-        return json.loads(record_path.read_text())
     from sdft_utils.assets import embedded_model_path
 
-    model = Path(args.model or embedded_model_path())
-    cpu = run_logged(eval_command(model, output_dir / "base" / "eval", args.smoke), output_dir / "base" / "eval.log")
-    record = {"heldout": heldout_scores(output_dir / "base" / "eval" / "report.json"), "eval_cpu_s": round(cpu, 1)}
-    record_path.write_text(json.dumps(record, indent=1))
-    return record
+    def run() -> dict:
+        model = Path(args.model or embedded_model_path())
+        cpu = run_logged(eval_command(model, output_dir / "base" / "eval", args.smoke),
+                         output_dir / "base" / "eval.log")
+        return {"heldout": heldout_scores(output_dir / "base" / "eval" / "report.json"), "eval_cpu_s": round(cpu, 1)}
+
+    return record_once(output_dir / "base" / "record.json", run)
 
 
 def summarize(records: list[dict]) -> list[dict]:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,30 @@ def run_logged(command: list[str], log: Path) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"exit {done.returncode}: {' '.join(command[:3])} ...; log {log}:\n{log.read_text()[-3000:]}")
     return (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def record_once(record_path: Path, make_record: Callable[[], dict]) -> dict:
+    """The record a previous call wrote at `record_path`, else `make_record()`'s, written there: an interrupted sweep
+    resumes at its first unrecorded run."""
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    record = make_record()
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def train_then_evaluate(train_command: list[str], model_dir: Path, eval_command: list[str], run_dir: Path,
+                        keep_checkpoint: bool) -> dict[str, float]:
+    """Train (log in run_dir/train.log), evaluate the checkpoint (run_dir/eval.log), then delete the checkpoint unless
+    kept; the CPU seconds of each and the wall time."""
+    start = time.perf_counter()
+    train_cpu = run_logged(train_command, run_dir / "train.log")
+    eval_cpu = run_logged(eval_command, run_dir / "eval.log")
+    if not keep_checkpoint:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return {"train_cpu_s": round(train_cpu, 1), "eval_cpu_s": round(eval_cpu, 1),
+            "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def write_marked_block(md_path: Path, name: str, title: str, block: str) -> None:
