@@ -34,14 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the package, and sweeps.py beside this file
 
-from sweeps import (  # noqa: E402
-    as_flags,
-    publish,
-    record_once,
-    recorded_runs,
-    run_logged,
-    train_then_evaluate,
-)
+from sweeps import as_flags, publish, record_once, recorded_runs, run_logged, train_then_evaluate  # noqa: E402
 
 from sdft_utils.errors import UserInputError, exit_on_user_error  # noqa: E402
 
