@@ -29,6 +29,18 @@ def test_embedded_recipe_points_at_bundled_files():
         assert (ROOT / path).is_file(), path
 
 
+def test_the_sdpo_tool_recipe_starts_from_the_sdft_tool_recipes_final_checkpoint():
+    import train_sdpo
+
+    sdft = parse_args(train_sdft.Args, ["--config", str(ROOT / "recipes" / "sdft_tools_embedded.yaml")])
+    sdpo = parse_args(train_sdpo.Args, ["--config", str(ROOT / "recipes" / "sdpo_tools_simple_embedded.yaml")])
+    assert sdpo.model == f"{sdft.output_dir}/checkpoint-{sdft.max_steps}"  # the checkpoint the SDFT run saves last
+    assert sdpo.dataset == sdft.dataset and sdpo.max_turns == sdft.max_turns == 1
+    # what made the SDFT tool recipe learn (docs/tool_use.md): the call first in the teacher's prompt, and the
+    # `<tool_call>` opening inside the loss
+    assert sdft.teacher_template.startswith("{demonstration}") and sdft.num_loss_tokens_to_skip == 0
+
+
 def test_defaults_are_the_authors():
     args = train_sdft.Args()
     assert (args.alpha, args.divergence_mode, args.num_loss_tokens_to_skip, args.rollout_is_cap) == (0.0, "full", 3, 2.0)
