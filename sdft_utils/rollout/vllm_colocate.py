@@ -49,9 +49,9 @@ def memory_fraction(requested: float | None, gpu_default: float) -> float:
 
 def whole_prefill_options(max_model_len: int | None) -> dict:
     """CPU engine options that prefill every prompt in one piece. vLLM samples (and then discards) a token after each
-    partial prefill and rewinds the request's generator, which a CPU generator cannot do: per-request seeds fail on a
-    prompt longer than one step's token budget (4,096 on a CPU). Without chunking, a step's budget must hold the
-    longest prompt. Unknown length: vLLM's defaults."""
+    partial prefill and rewinds the request's generator, which a CPU generator cannot do: per-request seeds fail once
+    a round's prompts add up to more than one step's token budget (4,096 on a CPU), as the scheduler then cuts one.
+    Without chunking, a step's budget must hold the longest prompt. Unknown length: vLLM's defaults."""
     if not max_model_len:
         return {}
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
